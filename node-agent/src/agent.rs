@@ -1,0 +1,184 @@
+//! The node agent's reconcile loop: VEs that should run, run.
+//!
+//! It compares each VE's desired state (written by `start` and `stop`) with
+//! what the kernel runs, and starts VEs that should run but do not (their
+//! init crashed or the node rebooted). It never restarts a running VE: the
+//! agent can itself be killed and restarted at any time, and VEs don't notice.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::lifecycle::{Node, VeStatus};
+
+/// What the agent knows of one VE at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub name: String,
+    pub desired: VeStatus,
+    pub actual: VeStatus,
+    pub autostart: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the VE.
+    Start(String),
+    /// Record that the VE should not run (it is not autostart and the node rebooted).
+    ForgetDesired(String),
+}
+
+/// Decides what to do. `first_since_boot`: the node just booted, so only
+/// autostart VEs should come back.
+pub fn plan(observed: &[Observed], first_since_boot: bool) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for ve in observed {
+        if ve.actual == VeStatus::Running {
+            continue;
+        }
+        let should_run = if first_since_boot { ve.autostart } else { ve.desired == VeStatus::Running };
+        if should_run {
+            actions.push(Action::Start(ve.name.clone()));
+        } else if first_since_boot && ve.desired == VeStatus::Running {
+            actions.push(Action::ForgetDesired(ve.name.clone()));
+        }
+    }
+    actions
+}
+
+/// Delay before retrying a VE whose start failed `failures` times in a row.
+pub fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60))
+}
+
+pub struct Agent {
+    node: Node,
+    interval: Duration,
+    failures: HashMap<String, (u32, Instant)>,
+}
+
+impl Agent {
+    pub fn new(node: Node, interval: Duration) -> Agent {
+        Agent { node, interval, failures: HashMap::new() }
+    }
+
+    /// A marker in the volatile run dir: absent means the node just booted.
+    fn boot_marker(&self) -> PathBuf {
+        self.node.config.run_dir.join("agent-booted")
+    }
+
+    fn observe(&self) -> Vec<Observed> {
+        let names = match self.node.names() {
+            Ok(names) => names,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list VEs");
+                return Vec::new();
+            }
+        };
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let spec = self.node.spec(&name).ok()?;
+                let actual = self.node.status(&name).ok()?;
+                Some(Observed { desired: self.node.desired(&name), actual, autostart: spec.autostart, name })
+            })
+            .collect()
+    }
+
+    /// One pass of the loop.
+    pub fn reconcile_once(&mut self) {
+        let first_since_boot = !self.boot_marker().exists();
+        let actions = plan(&self.observe(), first_since_boot);
+        for action in actions {
+            match action {
+                Action::ForgetDesired(name) => {
+                    if let Err(error) = self.node.set_desired(&name, VeStatus::Stopped) {
+                        tracing::warn!(ve = %name, %error, "cannot record desired state");
+                    }
+                }
+                Action::Start(name) => {
+                    if let Some((failures, at)) = self.failures.get(&name) {
+                        if at.elapsed() < retry_delay(*failures) {
+                            continue;
+                        }
+                    }
+                    tracing::info!(ve = %name, "starting VE that should run");
+                    match self.node.start(&name) {
+                        Ok(()) => {
+                            self.failures.remove(&name);
+                        }
+                        Err(crate::lifecycle::LifecycleError::Running(_)) => {}
+                        Err(error) => {
+                            tracing::warn!(ve = %name, %error, "start failed");
+                            let entry = self.failures.entry(name).or_insert((0, Instant::now()));
+                            *entry = (entry.0 + 1, Instant::now());
+                        }
+                    }
+                }
+            }
+        }
+        if first_since_boot {
+            let _ = std::fs::create_dir_all(&self.node.config.run_dir);
+            if let Err(error) = std::fs::write(self.boot_marker(), b"") {
+                tracing::warn!(%error, "cannot write the boot marker");
+            }
+        }
+    }
+
+    /// Runs until the process is killed.
+    pub fn run(&mut self) -> ! {
+        if let Err(error) = crate::daemons::ensure_procfs(&self.node.config) {
+            tracing::warn!(%error, "VEs run without /proc views");
+        }
+        loop {
+            self.reconcile_once();
+            std::thread::sleep(self.interval);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ve(name: &str, desired: VeStatus, actual: VeStatus, autostart: bool) -> Observed {
+        Observed { name: name.into(), desired, actual, autostart }
+    }
+
+    #[test]
+    fn crashed_ves_that_should_run_are_started() {
+        let observed = [
+            ve("crashed", VeStatus::Running, VeStatus::Stopped, false),
+            ve("stopped", VeStatus::Stopped, VeStatus::Stopped, true),
+            ve("fine", VeStatus::Running, VeStatus::Running, false),
+        ];
+        assert_eq!(plan(&observed, false), vec![Action::Start("crashed".into())]);
+    }
+
+    #[test]
+    fn after_boot_only_autostart_ves_come_back() {
+        let observed = [
+            ve("auto", VeStatus::Stopped, VeStatus::Stopped, true),
+            ve("manual", VeStatus::Running, VeStatus::Stopped, false),
+            ve("off", VeStatus::Stopped, VeStatus::Stopped, false),
+        ];
+        assert_eq!(
+            plan(&observed, true),
+            vec![Action::Start("auto".into()), Action::ForgetDesired("manual".into())]
+        );
+    }
+
+    #[test]
+    fn running_ves_are_never_touched() {
+        let observed = [ve("a", VeStatus::Stopped, VeStatus::Running, true)];
+        assert!(plan(&observed, true).is_empty());
+        assert!(plan(&observed, false).is_empty());
+    }
+
+    #[test]
+    fn retries_back_off() {
+        assert_eq!(retry_delay(0), Duration::from_secs(1));
+        assert_eq!(retry_delay(3), Duration::from_secs(8));
+        assert_eq!(retry_delay(30), Duration::from_secs(60));
+    }
+}
