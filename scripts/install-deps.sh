@@ -27,6 +27,7 @@ PACKAGES=(
     etcd-server
     etcd-client
     fio
+    libnftables1
 )
 
 missing=()

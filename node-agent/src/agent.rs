@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::config::NodeConfig;
 use crate::lifecycle::{Node, VeStatus};
 
 /// What the agent knows of one VE at one moment.
@@ -51,6 +52,34 @@ pub fn retry_delay(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60))
 }
 
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+}
+
+fn boot_record(config: &NodeConfig) -> PathBuf {
+    config.state_dir.join("last-boot-id")
+}
+
+/// Records that the node side ran during this boot; every VE start calls it.
+pub fn record_boot(config: &NodeConfig) {
+    let Some(current) = boot_id() else { return };
+    let path = boot_record(config);
+    if std::fs::read_to_string(&path).ok().as_deref().map(str::trim) != Some(current.as_str()) {
+        if let Err(error) = std::fs::write(&path, format!("{current}\n")) {
+            tracing::warn!(%error, path = %path.display(), "cannot record the boot id");
+        }
+    }
+}
+
+/// Whether the node rebooted since the node side last ran: then only
+/// autostart VEs come back. A node that never recorded a boot did not.
+pub fn rebooted_since_last_record(config: &NodeConfig) -> bool {
+    match (std::fs::read_to_string(boot_record(config)), boot_id()) {
+        (Ok(recorded), Some(current)) => recorded.trim() != current,
+        _ => false,
+    }
+}
+
 pub struct Agent {
     node: Node,
     interval: Duration,
@@ -62,10 +91,6 @@ impl Agent {
         Agent { node, interval, failures: HashMap::new() }
     }
 
-    /// A marker in the volatile run dir: absent means the node just booted.
-    fn boot_marker(&self) -> PathBuf {
-        self.node.config.run_dir.join("agent-booted")
-    }
 
     fn observe(&self) -> Vec<Observed> {
         let names = match self.node.names() {
@@ -87,7 +112,10 @@ impl Agent {
 
     /// One pass of the loop.
     pub fn reconcile_once(&mut self) {
-        let first_since_boot = !self.boot_marker().exists();
+        if !rebooted_since_last_record(&self.node.config) && self.node.names().map(|n| !n.is_empty()).unwrap_or(false) {
+            record_boot(&self.node.config);
+        }
+        let first_since_boot = rebooted_since_last_record(&self.node.config);
         let actions = plan(&self.observe(), first_since_boot);
         for action in actions {
             match action {
@@ -118,10 +146,7 @@ impl Agent {
             }
         }
         if first_since_boot {
-            let _ = std::fs::create_dir_all(&self.node.config.run_dir);
-            if let Err(error) = std::fs::write(self.boot_marker(), b"") {
-                tracing::warn!(%error, "cannot write the boot marker");
-            }
+            record_boot(&self.node.config);
         }
     }
 

@@ -18,8 +18,10 @@ pub struct BundleInputs<'a> {
     pub cgroup_path: String,
     /// The VE's loop device (major, minor), for its block I/O weight.
     pub disk_device: Option<(u32, u32)>,
-    /// Per-VE /proc views to bind over /proc files: (host source, target).
+    /// Per-VE /proc and /sys views to bind over files: (host source, target).
     pub proc_views: Vec<(PathBuf, String)>,
+    /// CPUs the VE runs on (cpuset list), `None` for all.
+    pub cpuset: Option<String>,
 }
 
 /// CFS shares for a weight on the 1..10000 scale where 100 is the default.
@@ -43,11 +45,32 @@ pub fn config_json(inputs: &BundleInputs) -> Value {
         }));
     }
 
-    let mut block_io = json!({ "weight": limits.io_weight });
+    // Caps apply to the VE's loop device: its only block device. (This
+    // kernel's cgroup v1 blkio has no proportional weight without CFQ/BFQ.)
+    let mut block_io = json!({});
     if let Some((major, minor)) = inputs.disk_device {
-        block_io["weightDevice"] = json!([{ "major": major, "minor": minor, "weight": limits.io_weight }]);
+        let io = &limits.io;
+        for (key, rate) in [
+            ("throttleReadBpsDevice", io.read_bytes_per_s),
+            ("throttleWriteBpsDevice", io.write_bytes_per_s),
+            ("throttleReadIOPSDevice", io.read_ops_per_s),
+            ("throttleWriteIOPSDevice", io.write_ops_per_s),
+        ] {
+            if rate > 0 {
+                block_io[key] = json!([{ "major": major, "minor": minor, "rate": rate }]);
+            }
+        }
     }
 
+    let mut cpu = json!({
+        "shares": cpu_shares(limits.cpu_weight),
+        "quota": limits.cpu_quota_us(),
+        "period": CPU_PERIOD_US,
+    });
+    if let Some(cpus) = &inputs.cpuset {
+        cpu["cpus"] = json!(cpus);
+    }
+    let capabilities = serde_json::to_value(ve_runtime::policy::default_capabilities()).expect("capabilities serialize");
     json!({
         "ociVersion": "1.0.2",
         "root": { "path": inputs.rootfs, "readonly": false },
@@ -62,8 +85,13 @@ pub fn config_json(inputs: &BundleInputs) -> Value {
                 "TERM=linux",
             ],
             "cwd": "/",
-            "capabilities": serde_json::to_value(ve_runtime::policy::default_capabilities()).expect("capabilities serialize"),
-            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1024u64 }],
+            // Root in a VE gets its capabilities back from the bounding set at
+            // every exec, so bounding is what limits it.
+            "capabilities": {
+                "bounding": capabilities,
+                "permitted": capabilities,
+                "effective": capabilities,
+            },
             // A VE is a whole OS: su, sudo and ping need setuid to work.
             "noNewPrivileges": false,
             "oomScoreAdj": 0,
@@ -83,11 +111,7 @@ pub fn config_json(inputs: &BundleInputs) -> Value {
                     "limit": limits.memory_bytes,
                     "swap": limits.memory_bytes + limits.swap_bytes,
                 },
-                "cpu": {
-                    "shares": cpu_shares(limits.cpu_weight),
-                    "quota": limits.cpu_quota_us(),
-                    "period": CPU_PERIOD_US,
-                },
+                "cpu": cpu,
                 "pids": { "limit": limits.pids },
                 "blockIO": block_io,
             },
@@ -111,7 +135,13 @@ mod tests {
             template: "busybox".into(),
             ipv4: vec![],
             ipv6: vec![],
-            limits: Limits { memory_bytes: 256 << 20, swap_bytes: 64 << 20, cpus: 0.5, ..Limits::default() },
+            limits: Limits {
+                memory_bytes: 256 << 20,
+                swap_bytes: 64 << 20,
+                cpus: 0.5,
+                io: crate::spec::IoLimits { write_bytes_per_s: 10 << 20, ..Default::default() },
+                ..Limits::default()
+            },
             uid_base: 1_000_065_536,
             autostart: false,
         };
@@ -129,13 +159,17 @@ mod tests {
             cgroup_path: "/vz/web1".into(),
             disk_device: Some((7, 3)),
             proc_views: vec![(PathBuf::from("/run/vz/procfs/web1/meminfo"), "/proc/meminfo".into())],
+            cpuset: Some("1".into()),
         };
         let config = config_json(&inputs);
         assert_eq!(config["linux"]["uidMappings"][0]["hostID"], 1_000_065_536u64);
         assert_eq!(config["linux"]["resources"]["memory"]["limit"], 256u64 << 20);
         assert_eq!(config["linux"]["resources"]["memory"]["swap"], 320u64 << 20);
         assert_eq!(config["linux"]["resources"]["cpu"]["quota"], 50_000);
-        assert_eq!(config["linux"]["resources"]["blockIO"]["weightDevice"][0]["minor"], 3);
+        assert_eq!(config["linux"]["resources"]["cpu"]["cpus"], "1");
+        assert_eq!(config["linux"]["resources"]["blockIO"]["throttleWriteBpsDevice"][0]["minor"], 3);
+        assert_eq!(config["linux"]["resources"]["blockIO"]["throttleWriteBpsDevice"][0]["rate"], 10u64 << 20);
+        assert!(config["linux"]["resources"]["blockIO"].get("throttleReadBpsDevice").is_none());
         let mounts = config["mounts"].as_array().unwrap();
         assert_eq!(mounts.last().unwrap()["destination"], "/proc/meminfo");
         // The bundle must be accepted by the OCI spec parser the runtime uses.

@@ -9,7 +9,6 @@
 
 use std::fs::{self, File};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -118,7 +117,7 @@ pub struct Node {
 
 /// An exclusive lock on one VE, held for the length of an operation so two
 /// `vectl` calls never start, stop or change the same VE at once.
-struct VeLock(#[allow(dead_code)] File);
+struct VeLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
 impl Node {
     pub fn new(config: NodeConfig) -> Node {
@@ -163,10 +162,10 @@ impl Node {
     fn lock(&self, name: &str) -> Result<VeLock> {
         let dir = self.config.ve_dir(name);
         let file = File::open(&dir).map_err(|_| LifecycleError::NotFound(name.into()))?;
-        nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).map_err(|errno| {
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
             LifecycleError::Io { context: format!("cannot lock VE {name}"), source: errno.into() }
         })?;
-        Ok(VeLock(file))
+        Ok(VeLock(lock))
     }
 
     /// The spec of an existing VE.
@@ -388,8 +387,11 @@ impl Node {
     /// Whether the VE's init is alive, and its host pid.
     fn running_pid(&self, name: &str) -> Option<i32> {
         match self.runtime.state(name) {
-            Ok(state) if state.status == ve_runtime::Status::Running || state.status == ve_runtime::Status::Created => {
-                state.pid
+            Ok(state)
+                if state.pid > 0
+                    && (state.status == ve_runtime::Status::Running || state.status == ve_runtime::Status::Created) =>
+            {
+                Some(state.pid)
             }
             _ => None,
         }
@@ -423,6 +425,7 @@ impl Node {
             return Err(error);
         }
         self.set_desired(name, VeStatus::Running)?;
+        crate::agent::record_boot(&self.config);
         tracing::info!(ve = name, "started");
         Ok(())
     }
@@ -439,8 +442,10 @@ impl Node {
         idmap::idmapped_bind(&attached.mount_point, &rootfs, spec.uid_base, spec.uid_base, crate::config::UIDS_PER_VE)?;
 
         let proc_views = if procfs_ready {
-            procfs::proc_view_mounts(&self.config.procfs_mountpoint, name)
+            let root = &self.config.procfs_mountpoint;
+            procfs::proc_view_mounts(root, name)
                 .into_iter()
+                .chain(procfs::sys_view_mounts(root, name))
                 .map(|(source, target)| (source, target.to_string()))
                 .collect()
         } else {
@@ -453,16 +458,26 @@ impl Node {
             cgroup_path: self.cgroup_path(name),
             disk_device: Some((attached.loop_major, attached.loop_minor)),
             proc_views,
+            cpuset: self.cpuset(spec),
         });
         let config_path = run_dir.join("config.json");
         fs::write(&config_path, serde_json::to_vec_pretty(&config).expect("config serializes"))
             .map_err(io_context(format!("cannot write {}", config_path.display())))?;
 
-        let state = self.runtime.create(name, &run_dir, &ve_runtime::CreateOptions::default())?;
-        let pid = state.pid.ok_or_else(|| LifecycleError::Other { name: name.clone(), message: "runtime reported no init pid".into() })?;
+        let options = ve_runtime::CreateOptions {
+            output: Some(self.config.ve_dir(name).join("console.log")),
+            ..Default::default()
+        };
+        let state = self.runtime.create(name, &run_dir, &options)?;
+        let pid = state.pid;
         network::attach(&self.bridge(), &self.ve_network(spec), Path::new(&format!("/proc/{pid}/ns/net")))?;
         self.runtime.start(name)?;
         Ok(())
+    }
+
+    fn cpuset(&self, spec: &VeSpec) -> Option<String> {
+        let slot = self.config.slot_for_uid_base(spec.uid_base).unwrap_or(0);
+        crate::spec::cpuset_for(spec.limits.cpus, Self::host_cpus(), slot)
     }
 
     fn ve_network(&self, spec: &VeSpec) -> network::VeNetwork {
@@ -483,7 +498,7 @@ impl Node {
         let name = &spec.name;
         match self.runtime.delete(name, true) {
             Ok(()) => {}
-            Err(error) if error.is_not_found() => {}
+            Err(ve_runtime::RuntimeError::State(ve_runtime::state::StateError::NotFound(..))) => {}
             Err(error) => return Err(error.into()),
         }
         network::detach(&self.bridge(), name)?;
@@ -629,6 +644,7 @@ impl Node {
                 cgroup_path: self.cgroup_path(name),
                 disk_device: disk::find_attached(&self.image_path(name))?.map(|d| (d.loop_major, d.loop_minor)),
                 proc_views: Vec::new(),
+                cpuset: self.cpuset(&spec),
             });
             let resources: oci_spec::runtime::LinuxResources =
                 serde_json::from_value(config["linux"]["resources"].clone()).map_err(|e| LifecycleError::Other {

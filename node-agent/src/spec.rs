@@ -179,8 +179,19 @@ pub struct Limits {
     pub pids: u64,
     /// Disk quota: the size of the VE's ext4 image, in bytes.
     pub disk_bytes: u64,
-    /// Relative block I/O weight (10 to 1000, default 500).
-    pub io_weight: u16,
+    /// Disk bandwidth and operation caps on the VE's disk (0: unlimited).
+    #[serde(default)]
+    pub io: IoLimits,
+}
+
+/// Block I/O caps on the VE's loop device; 0 means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IoLimits {
+    pub read_bytes_per_s: u64,
+    pub write_bytes_per_s: u64,
+    pub read_ops_per_s: u64,
+    pub write_ops_per_s: u64,
 }
 
 pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
@@ -196,7 +207,7 @@ impl Default for Limits {
             cpu_weight: 100,
             pids: 1024,
             disk_bytes: 2 << 30,
-            io_weight: 500,
+            io: IoLimits::default(),
         }
     }
 }
@@ -224,8 +235,16 @@ impl Limits {
         if self.pids < MIN_PIDS {
             return Err(SpecError::Limit(format!("pids must be at least {MIN_PIDS}, got {}", self.pids)));
         }
-        if !(10..=1000).contains(&self.io_weight) {
-            return Err(SpecError::Limit(format!("io weight must be 10 to 1000, got {}", self.io_weight)));
+        let io = &self.io;
+        for (what, value, minimum) in [
+            ("read bandwidth", io.read_bytes_per_s, 1 << 20),
+            ("write bandwidth", io.write_bytes_per_s, 1 << 20),
+            ("read operations per second", io.read_ops_per_s, 10),
+            ("write operations per second", io.write_ops_per_s, 10),
+        ] {
+            if value != 0 && value < minimum {
+                return Err(SpecError::Limit(format!("{what} must be 0 (unlimited) or at least {minimum}, got {value}")));
+            }
         }
         Ok(())
     }
@@ -237,6 +256,23 @@ impl Limits {
 }
 
 pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// The CPUs a VE may run on: as many as its quota rounded up, so `nproc`
+/// inside tells the truth, spread over the host by the VE's uid slot so
+/// VEs don't pile onto CPU 0. `None` only if the host count is unknown.
+pub fn cpuset_for(cpus: f64, host_cpus: usize, slot: u32) -> Option<String> {
+    let wanted = (cpus.ceil() as usize).max(1);
+    if host_cpus == 0 {
+        return None;
+    }
+    if wanted >= host_cpus {
+        return Some(format!("0-{}", host_cpus - 1));
+    }
+    let first = (slot as usize * wanted) % host_cpus;
+    let mut chosen: Vec<usize> = (0..wanted).map(|i| (first + i) % host_cpus).collect();
+    chosen.sort_unstable();
+    Some(chosen.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","))
+}
 
 /// Everything that defines a VE, as stored in `<state>/ves/<name>/ve.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,6 +379,17 @@ mod tests {
         }
         assert_eq!(format_size(512 << 20), "512M");
         assert_eq!(format_size(1500), "1500");
+    }
+
+    #[test]
+    fn cpusets_spread_and_cover_the_quota() {
+        assert_eq!(cpuset_for(1.0, 2, 0).as_deref(), Some("0"));
+        assert_eq!(cpuset_for(1.0, 2, 1).as_deref(), Some("1"));
+        assert_eq!(cpuset_for(0.5, 4, 3).as_deref(), Some("3"));
+        assert_eq!(cpuset_for(1.5, 4, 1).as_deref(), Some("2,3"));
+        assert_eq!(cpuset_for(1.5, 4, 3).as_deref(), Some("0,3"));
+        assert_eq!(cpuset_for(2.0, 2, 5).as_deref(), Some("0-1"));
+        assert_eq!(cpuset_for(1.0, 0, 5), None);
     }
 
     #[test]

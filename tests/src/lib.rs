@@ -132,7 +132,12 @@ impl TestNode {
     /// Creates and starts a busybox VE with a fixed address.
     pub fn busybox_ve(&self, name: &str, ip: &str, extra: &[&str]) {
         ensure_template("busybox");
-        let mut args = vec!["create", name, "--template", "busybox", "--ip", ip, "--memory", "128M", "--disk", "64M", "--start"];
+        let mut args = vec!["create", name, "--template", "busybox", "--ip", ip, "--start"];
+        for (flag, default) in [("--memory", "128M"), ("--disk", "64M")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, default]);
+            }
+        }
         args.extend_from_slice(extra);
         self.vectl_ok(&args);
     }

