@@ -150,12 +150,32 @@ impl Agent {
         }
     }
 
+    /// Keeps `ve-procfs` serving: if it died, starts it again and gives
+    /// every running VE fresh bind mounts of its views (the old ones point
+    /// at the dead connection and answer ENOTCONN).
+    pub fn ensure_proc_views(&self) {
+        let config = &self.node.config;
+        if crate::daemons::fuse_mounted(&config.procfs_mountpoint) {
+            return;
+        }
+        if let Err(error) = crate::daemons::ensure_procfs(config) {
+            tracing::warn!(%error, "VEs run without /proc views");
+            return;
+        }
+        for name in self.node.names().unwrap_or_default() {
+            if let Some(pid) = self.node.running_pid(&name) {
+                match crate::procfs::rebind_views(pid as u32, &config.procfs_mountpoint, &name) {
+                    Ok(()) => tracing::info!(ve = %name, "/proc views re-bound"),
+                    Err(error) => tracing::warn!(ve = %name, %error, "cannot re-bind /proc views"),
+                }
+            }
+        }
+    }
+
     /// Runs until the process is killed.
     pub fn run(&mut self) -> ! {
-        if let Err(error) = crate::daemons::ensure_procfs(&self.node.config) {
-            tracing::warn!(%error, "VEs run without /proc views");
-        }
         loop {
+            self.ensure_proc_views();
             self.reconcile_once();
             std::thread::sleep(self.interval);
         }

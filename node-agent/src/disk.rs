@@ -69,11 +69,6 @@ pub enum DiskError {
     NotExt4 { image: PathBuf, reason: String },
     #[error("cannot attach disk {image}: already mounted at {mounted_at} by another VE or tool (detach it there first)")]
     MountedElsewhere { image: PathBuf, mounted_at: PathBuf },
-    #[error("cannot attach disk {image}: it is on {loop_device} but not mounted (a leftover of a manual `losetup`? release it with `losetup -d {loop_device}`)")]
-    AttachedNotMounted {
-        image: PathBuf,
-        loop_device: PathBuf,
-    },
     #[error(
         "cannot attach disk {image} at {mount_point}: something else ({what}) is mounted there"
     )]

@@ -35,7 +35,8 @@ const RESOLVE_IN_ROOT: u64 = 0x10;
 fn open_in_root(root: &Path, relative: &str, flags: i32, mode: u32) -> Result<std::fs::File, GuestFileError> {
     let open_error = |source| GuestFileError::Open { root: root.into(), path: relative.into(), source };
     let root_fd = std::fs::File::open(root).map_err(open_error)?;
-    let c_path = CString::new(relative.trim_start_matches('/'))
+    let trimmed = relative.trim_start_matches('/');
+    let c_path = CString::new(if trimmed.is_empty() { "." } else { trimmed })
         .map_err(|_| open_error(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
@@ -197,6 +198,9 @@ mod tests {
         let _ = write_file(root.path(), "/escape/victim", b"evil", 0o644);
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "host data");
         write_file(root.path(), "/etc/hosts", b"ok", 0o644).unwrap();
+        ensure_dir(root.path(), "/root", 0o700).unwrap();
+        ensure_dir(root.path(), "/root/.ssh", 0o700).unwrap();
+        assert!(root.path().join("root/.ssh").is_dir());
         assert_eq!(read_file(root.path(), "etc/hosts").unwrap(), "ok");
     }
 }

@@ -385,7 +385,7 @@ impl Node {
     }
 
     /// Whether the VE's init is alive, and its host pid.
-    fn running_pid(&self, name: &str) -> Option<i32> {
+    pub fn running_pid(&self, name: &str) -> Option<i32> {
         match self.runtime.state(name) {
             Ok(state)
                 if state.pid > 0

@@ -387,7 +387,7 @@ mod tests {
         assert_eq!(cpuset_for(1.0, 2, 1).as_deref(), Some("1"));
         assert_eq!(cpuset_for(0.5, 4, 3).as_deref(), Some("3"));
         assert_eq!(cpuset_for(1.5, 4, 1).as_deref(), Some("2,3"));
-        assert_eq!(cpuset_for(1.5, 4, 3).as_deref(), Some("0,3"));
+        assert_eq!(cpuset_for(1.5, 3, 1).as_deref(), Some("0,2"));
         assert_eq!(cpuset_for(2.0, 2, 5).as_deref(), Some("0-1"));
         assert_eq!(cpuset_for(1.0, 0, 5), None);
     }

@@ -354,6 +354,20 @@ fn find_attached_after_restart() {
     assert_eq!(disk::find_attached(&image).unwrap(), None);
     scratch.assert_no_loop_devices();
 
+    // A restart while something else (a stopped VE's mount namespace being
+    // torn down) still holds the loop device: detach leaves the release to
+    // autoclear, and attach mounts the same device again.
+    let again = disk::attach(&image, &scratch.path("mnt")).unwrap();
+    let holder = File::open(&again.loop_device).unwrap();
+    disk::detach(&again).expect("detach with the device still open elsewhere");
+    assert!(!scratch.our_mounts().contains(&again.mount_point));
+    let remounted = disk::attach(&image, &scratch.path("mnt")).unwrap();
+    assert_eq!(remounted.loop_device, again.loop_device);
+    assert!(remounted.mount_point.join("var/www/index.html").exists());
+    drop(holder);
+    disk::detach(&remounted).unwrap();
+    scratch.assert_no_loop_devices();
+
     // Offline growth, then the new size shows after the next attach.
     disk::grow(&image, 96 * MIB, None).expect("offline grow");
     let again = disk::attach(&image, &scratch.path("mnt")).unwrap();

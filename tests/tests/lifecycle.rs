@@ -131,3 +131,39 @@ fn limits_change_on_a_running_ve() {
     let (_, out, _) = node.exec("lim1", "grep MemTotal /proc/meminfo");
     assert!(out.contains(&(256 * 1024).to_string()), "meminfo: {out}");
 }
+
+#[test]
+fn enter_gives_a_real_terminal_and_root_password_is_set() {
+    let node = TestNode::new();
+    system_tests::ensure_template("busybox");
+    // The root password comes on stdin, never on the command line.
+    let mut create = node.vectl_command(&[
+        "create", "tty1", "-t", "busybox", "--ip", "10.213.0.80/24", "--ip6", "fd00:213::80/64",
+        "--disk", "64M", "--root-password-stdin", "--start",
+    ]);
+    create.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = create.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"s3cret-Pass\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, shadow, _) = node.exec("tty1", "grep ^root: /etc/shadow");
+    assert!(shadow.starts_with("root:$6$"), "{shadow}");
+    assert!(!shadow.contains("s3cret"));
+
+    // IPv6 works next to IPv4.
+    let (_, addrs, _) = node.exec("tty1", "ip -6 addr show dev eth0");
+    assert!(addrs.contains("fd00:213::80/64"), "{addrs}");
+
+    // `vectl enter` under a pseudo-terminal: the shell inside has a tty.
+    let vectl = system_tests::workspace_binary("vectl");
+    let script = format!(
+        "printf 'tty; echo marker-$((6*7)); exit\\n' | VZ_CONFIG={} nsenter --net=/run/netns/{} script -qec '{} enter tty1' /dev/null",
+        node.config_path.display(),
+        node.netns,
+        vectl.display()
+    );
+    let out = system_tests::sh(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/dev/pts/"), "no tty inside: {text}");
+    assert!(text.contains("marker-42"), "{text}");
+}

@@ -66,6 +66,15 @@ fn restarting_the_node_side_leaves_ves_running_and_managed() {
     assert_eq!(init_pid(&node, "keep"), Some(pid), "the VE was restarted");
     let (_, out, _) = node.exec("keep", "cat /root/mark; grep -c MemTotal /proc/meminfo");
     assert_eq!(out.lines().collect::<Vec<_>>(), ["before", "1"]);
+    // The /proc views daemon dies hard: the agent starts a new one and
+    // re-binds the running VE's views.
+    let mountpoint = node.dir.join("run/procfs");
+    system_tests::sh(&format!("pkill -9 -f -- '--mountpoint {}'", mountpoint.display()));
+    wait_for("the VE's /proc views to come back", Duration::from_secs(30), || {
+        let (code, out, _) = node.exec("keep", "grep MemTotal /proc/meminfo");
+        code == 0 && out.contains(&(128 * 1024).to_string())
+    });
+    assert_eq!(init_pid(&node, "keep"), Some(pid), "the VE was restarted");
     // And it is still managed: limits and stop work.
     node.vectl_ok(&["set", "keep", "--memory", "200M"]);
     node.vectl_ok(&["stop", "keep", "--timeout", "10"]);
