@@ -42,7 +42,7 @@ build_rootfs() {
         --dpkgopt='path-include=/usr/share/locale/locale.alias' \
         --dpkgopt='path-exclude=/usr/share/lintian/*' \
         --customize-hook="cp -a '$recipe_dir/files/.' \"\$1/\"" \
-        --customize-hook='chmod 0755 "$1"/etc/init.d/ssh-hostkeys && chroot "$1" update-rc.d ssh-hostkeys defaults' \
+        --customize-hook='chmod 0755 "$1"/etc/init.d/ssh-hostkeys "$1"/usr/local/sbin/ve-shutdown && chroot "$1" update-rc.d ssh-hostkeys defaults' \
         --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
         --customize-hook='rm -f "$1"/etc/apt/apt.conf.d/99mmdebstrap' \
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/log/*.log' \

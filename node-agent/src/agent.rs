@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::NodeConfig;
-use crate::lifecycle::{Node, VeStatus};
+use crate::lifecycle::{Node, ShutdownRequest, VeStatus};
 
 /// What the agent knows of one VE at one moment.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,8 +110,29 @@ impl Agent {
             .collect()
     }
 
+    /// Carries out halts and reboots the VEs' own OSes asked for.
+    fn handle_shutdown_requests(&self) {
+        for name in self.node.names().unwrap_or_default() {
+            let result = match self.node.shutdown_request(&name) {
+                Some(ShutdownRequest::Halt) => {
+                    tracing::info!(ve = %name, "halted from inside");
+                    self.node.stop(&name, Duration::ZERO)
+                }
+                Some(ShutdownRequest::Reboot) => {
+                    tracing::info!(ve = %name, "rebooted from inside");
+                    self.node.restart(&name, Duration::ZERO)
+                }
+                None => Ok(()),
+            };
+            if let Err(error) = result {
+                tracing::warn!(ve = %name, %error, "cannot carry out the VE's shutdown request");
+            }
+        }
+    }
+
     /// One pass of the loop.
     pub fn reconcile_once(&mut self) {
+        self.handle_shutdown_requests();
         if !rebooted_since_last_record(&self.node.config) && self.node.names().map(|n| !n.is_empty()).unwrap_or(false) {
             record_boot(&self.node.config);
         }

@@ -88,6 +88,13 @@ pub enum VeStatus {
     Running,
 }
 
+/// A halt or reboot the OS inside a VE asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownRequest {
+    Halt,
+    Reboot,
+}
+
 /// One line of `vectl list`.
 #[derive(Debug, Clone, Serialize)]
 pub struct VeInfo {
@@ -535,11 +542,27 @@ impl Node {
         Ok(())
     }
 
+    /// What the VE's OS asked for once its shutdown scripts finished: its
+    /// init cannot halt or reboot the kernel, so it writes `/run/vz-shutdown`.
+    pub fn shutdown_request(&self, name: &str) -> Option<ShutdownRequest> {
+        let pid = self.running_pid(name)?;
+        let text = fs::read_to_string(format!("/proc/{pid}/root/run/vz-shutdown")).ok()?;
+        match text.trim() {
+            "halt" => Some(ShutdownRequest::Halt),
+            "reboot" => Some(ShutdownRequest::Reboot),
+            _ => None,
+        }
+    }
+
     fn wait_stopped(&self, name: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(2);
         while Instant::now() < deadline {
             if self.running_pid(name).is_none() {
+                return;
+            }
+            if self.shutdown_request(name).is_some() {
+                tracing::debug!(ve = name, "the VE's OS finished its shutdown");
                 return;
             }
             std::thread::sleep(pause);

@@ -198,6 +198,52 @@ impl TestNode {
     }
 }
 
+impl TestNode {
+    /// Host pid of a VE's init, or None when it is stopped.
+    pub fn init_pid(&self, ve: &str) -> Option<i64> {
+        let info: serde_json::Value = serde_json::from_str(&self.vectl_ok(&["show", ve])).unwrap();
+        info["init_pid"].as_i64()
+    }
+}
+
+/// Polls `check` until it holds, panicking after `timeout`.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The node agent (`vz-node run`) of a test node, killed on drop.
+pub struct NodeAgent(std::process::Child);
+
+impl NodeAgent {
+    pub fn start(node: &TestNode) -> NodeAgent {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg(workspace_binary("vz-node"))
+            .args(["run", "--interval", "0.2"])
+            .env("VZ_CONFIG", &node.config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vz-node");
+        NodeAgent(child)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 impl Default for TestNode {
     fn default() -> Self {
         TestNode::new()

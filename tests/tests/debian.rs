@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use system_tests::{sh, TestNode};
+use system_tests::{sh, wait_for, NodeAgent, TestNode};
 
 fn ssh(node: &TestNode, client: &str, key: &Path, ip: &str, command: &str) -> std::process::Output {
     node.in_client(
@@ -64,4 +64,18 @@ fn debian_ve_serves_ssh_to_a_client_and_shows_its_own_limits() {
     wait_for_ssh(&node, &client, &key, "10.213.0.70");
     let out = ssh(&node, &client, &key, "10.213.0.70", "pidof sshd >/dev/null && echo up");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "up");
+
+    // The customer reboots and powers off from inside; the node agent obeys.
+    let _agent = NodeAgent::start(&node);
+    let before = node.init_pid("deb1").expect("running");
+    node.exec("deb1", "reboot");
+    wait_for("the VE to come back from its reboot", Duration::from_secs(90), || matches!(node.init_pid("deb1"), Some(p) if p != before));
+    wait_for_ssh(&node, &client, &key, "10.213.0.70");
+    node.exec("deb1", "poweroff");
+    wait_for("the VE to power off", Duration::from_secs(90), || node.init_pid("deb1").is_none());
+    let info: serde_json::Value = serde_json::from_str(&node.vectl_ok(&["show", "deb1"])).unwrap();
+    assert_eq!(info["status"], "stopped");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(node.init_pid("deb1"), None, "a powered-off VE came back");
 }
+

@@ -1,69 +1,25 @@
 //! The node side can die and restart without touching running VEs, and the
 //! node agent brings back VEs that should run but crashed.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use system_tests::{workspace_binary, TestNode};
-
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn start(node: &TestNode) -> AgentProcess {
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.netns))
-            .arg(workspace_binary("vz-node"))
-            .args(["run", "--interval", "0.2"])
-            .env("VZ_CONFIG", &node.config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start vz-node");
-        AgentProcess(child)
-    }
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn init_pid(node: &TestNode, ve: &str) -> Option<i64> {
-    let info: serde_json::Value = serde_json::from_str(&node.vectl_ok(&["show", ve])).unwrap();
-    info["init_pid"].as_i64()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
+use system_tests::{wait_for, NodeAgent, TestNode};
 
 #[test]
 fn restarting_the_node_side_leaves_ves_running_and_managed() {
     let node = TestNode::new();
-    let mut agent = AgentProcess::start(&node);
+    let mut agent = NodeAgent::start(&node);
     node.busybox_ve("keep", "10.213.0.61/24", &[]);
-    let pid = init_pid(&node, "keep").expect("running");
+    let pid = node.init_pid("keep").expect("running");
     node.exec("keep", "echo before > /root/mark");
 
     // The agent dies hard, and comes back.
     agent.kill();
     let (code, _, _) = node.exec("keep", "true");
     assert_eq!(code, 0, "VE unusable without its agent");
-    let _agent = AgentProcess::start(&node);
+    let _agent = NodeAgent::start(&node);
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(init_pid(&node, "keep"), Some(pid), "the VE was restarted");
+    assert_eq!(node.init_pid("keep"), Some(pid), "the VE was restarted");
     let (_, out, _) = node.exec("keep", "cat /root/mark; grep -c MemTotal /proc/meminfo");
     assert_eq!(out.lines().collect::<Vec<_>>(), ["before", "1"]);
     // The /proc views daemon dies hard: the agent starts a new one and
@@ -74,25 +30,25 @@ fn restarting_the_node_side_leaves_ves_running_and_managed() {
         let (code, out, _) = node.exec("keep", "grep MemTotal /proc/meminfo");
         code == 0 && out.contains(&(128 * 1024).to_string())
     });
-    assert_eq!(init_pid(&node, "keep"), Some(pid), "the VE was restarted");
+    assert_eq!(node.init_pid("keep"), Some(pid), "the VE was restarted");
     // And it is still managed: limits and stop work.
     node.vectl_ok(&["set", "keep", "--memory", "200M"]);
     node.vectl_ok(&["stop", "keep", "--timeout", "10"]);
     // A VE stopped on purpose stays stopped.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(init_pid(&node, "keep"), None, "the agent restarted a VE stopped on purpose");
+    assert_eq!(node.init_pid("keep"), None, "the agent restarted a VE stopped on purpose");
 }
 
 #[test]
 fn the_agent_restarts_a_crashed_ve() {
     let node = TestNode::new();
     node.busybox_ve("crashy", "10.213.0.62/24", &[]);
-    let _agent = AgentProcess::start(&node);
-    let pid = init_pid(&node, "crashy").expect("running");
+    let _agent = NodeAgent::start(&node);
+    let pid = node.init_pid("crashy").expect("running");
     // The VE's init dies from outside (as if it crashed).
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_for("the agent to restart the VE", Duration::from_secs(30), || {
-        matches!(init_pid(&node, "crashy"), Some(new) if new != pid)
+        matches!(node.init_pid("crashy"), Some(new) if new != pid)
     });
     let (code, out, _) = node.exec("crashy", "wget -qO- http://127.0.0.1/");
     assert_eq!(code, 0);
