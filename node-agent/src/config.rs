@@ -104,6 +104,14 @@ impl NodeConfig {
         }
     }
 
+    /// Loads `path` if given (a `--config` flag), else as [`NodeConfig::load_default`].
+    pub fn load_from(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+        match path {
+            Some(path) => NodeConfig::load(path),
+            None => NodeConfig::load_default(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.into(), source })?;

@@ -183,10 +183,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = match &cli.config {
-        Some(path) => NodeConfig::load(path)?,
-        None => NodeConfig::load_default()?,
-    };
+    let config = NodeConfig::load_from(cli.config.as_deref())?;
     let node = Node::new(config);
     match cli.command {
         Command::Create(args) => {

@@ -39,11 +39,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let config = match &cli.config {
-        Some(path) => NodeConfig::load(path),
-        None => NodeConfig::load_default(),
-    };
-    let config = match config {
+    let config = match NodeConfig::load_from(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("vz-node: {error}");
