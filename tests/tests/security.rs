@@ -57,6 +57,33 @@ fn root_in_a_ve_cannot_reach_the_host_or_other_ves() {
     // Raising its own limits: cgroup files are read-only inside.
     must_fail(&node, "evil", "raise its memory limit", "echo -1 > /sys/fs/cgroup/memory/memory.limit_in_bytes");
     must_fail(&node, "evil", "raise its pids limit", "for f in /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids/*/pids.max; do echo max > $f || exit 1; done");
+    // cgroup release_agent escape (CVE-2022-0492), even from a nested user namespace.
+    // A VE may mount its own cgroup subtree (its cgroup namespace makes that
+    // the root, as LXC and systemd inside expect), but cannot raise its limits
+    // through it nor reach the hierarchy's release_agent.
+    node.exec("evil", "mkdir -p /mnt/cg && mount -t cgroup -o memory cgroup /mnt/cg");
+    must_fail(&node, "evil", "raise the memory limit through cgroupfs", "echo -1 > /mnt/cg/memory.limit_in_bytes");
+    must_fail(&node, "evil", "set release_agent", "echo /tmp/x > /mnt/cg/release_agent");
+    must_fail(
+        &node,
+        "evil",
+        "release_agent from a nested namespace",
+        "unshare -Urm sh -c 'mkdir -p /tmp/cg && mount -t cgroup -o memory cgroup /tmp/cg && echo /tmp/x > /tmp/cg/release_agent'",
+    );
+    // The kernel log and kernel memory.
+    must_fail(&node, "evil", "read the kernel log", "dmesg | head -1 | grep -q .");
+    must_fail(&node, "evil", "read /dev/kmsg", "head -c 1 /dev/kmsg");
+    must_fail(&node, "evil", "write core_pattern", "echo '|/tmp/x' > /proc/sys/kernel/core_pattern");
+    must_fail(&node, "evil", "write uevent_helper", "echo /tmp/x > /sys/kernel/uevent_helper");
+    // Memory through a tmpfs is charged to the VE: the host is not filled.
+    let (_, _, _) = node.exec("evil", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=400 2>/dev/null; true");
+    let usage: u64 = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{}/evil/memory.max_usage_in_bytes", node.cgroup_parent))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(usage <= 128 << 20, "tmpfs use escaped the memory limit: {usage}");
+    node.exec("evil", "rm -f /dev/shm/fill");
     // Network: cannot take over the host's addresses or see host interfaces.
     let (_, links, _) = node.exec("evil", "ls /sys/class/net");
     assert_eq!(links.split_whitespace().collect::<Vec<_>>(), ["eth0", "lo"], "{links}");
