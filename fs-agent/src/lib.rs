@@ -1,1 +1,25 @@
-//! Not built yet: see ARCHITECTURE.md.
+//! fs-agent: the shared replicated filesystem every node mounts through FUSE.
+//!
+//! - [`chunk_store`]: chunk replicas as local files, crc32c per block, fencing epochs;
+//! - [`chunk_protocol`], [`chunk_server`], [`chunk_client`]: the chunk server over TCP;
+//! - [`metadata_store`]: the narrow interface to the metadata store (the Raft cluster store);
+//! - [`namespace`]: inodes, directories, chunk map, write leases on that store;
+//! - [`placement`]: where replicas go;
+//! - [`file_data`]: the replicated read, write and fencing paths;
+//! - [`fuse_mount`]: the FUSE filesystem;
+//! - [`locks`]: POSIX byte-range locks across nodes;
+//! - [`status`]: replica health for operators.
+//!
+//! See docs/fs-agent.md.
+
+pub mod chunk_client;
+pub mod chunk_protocol;
+pub mod chunk_server;
+pub mod chunk_store;
+pub mod file_data;
+pub mod fuse_mount;
+pub mod locks;
+pub mod metadata_store;
+pub mod namespace;
+pub mod placement;
+pub mod status;

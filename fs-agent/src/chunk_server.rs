@@ -1,0 +1,109 @@
+//! The chunk server process: serves a [`ChunkStore`] over TCP, one thread per connection.
+
+use std::io::BufReader;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::chunk_protocol::{read_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
+use crate::chunk_store::{ChunkStore, ChunkStoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkServerError {
+    #[error("cannot listen on {addr}: {source}; is another chunk server using that port?")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] ChunkStoreError),
+}
+
+fn failure(error: ChunkStoreError) -> ChunkFailure {
+    let text = error.to_string();
+    match error {
+        ChunkStoreError::Corrupt { block, .. } => ChunkFailure::Corrupt { block, message: text },
+        ChunkStoreError::StaleEpoch { .. } => ChunkFailure::StaleEpoch(text),
+        ChunkStoreError::VersionMismatch { .. } => ChunkFailure::VersionMismatch(text),
+        ChunkStoreError::OutOfRange { .. } => ChunkFailure::BadRequest(text),
+        ChunkStoreError::Io { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ChunkFailure::NoSpace(text),
+        ChunkStoreError::Io { .. } => ChunkFailure::Io(text),
+    }
+}
+
+pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
+    let result = match request {
+        ChunkRequest::Write { file_id, epoch, chunk_id, version, offset, data, sync } => {
+            store.write(file_id, epoch, chunk_id, version, offset, &data, sync).map(|()| ChunkResponse::Done)
+        }
+        ChunkRequest::Read { chunk_id, version, offset, len } => store.read(chunk_id, version, offset, len).map(ChunkResponse::Data),
+        ChunkRequest::Truncate { file_id, epoch, chunk_id, version, len } => {
+            store.truncate(file_id, epoch, chunk_id, version, len).map(|()| ChunkResponse::Done)
+        }
+        ChunkRequest::PunchHole { file_id, epoch, chunk_id, version, offset, len } => {
+            store.punch_hole(file_id, epoch, chunk_id, version, offset, len).map(|()| ChunkResponse::Done)
+        }
+        ChunkRequest::Sync { chunk_id } => store.sync(chunk_id).map(|()| ChunkResponse::Done),
+        ChunkRequest::Fence { file_id, epoch } => store.check_epoch(file_id, epoch).map(|()| ChunkResponse::Done),
+        ChunkRequest::Delete { chunk_id } => store.delete(chunk_id).map(|()| ChunkResponse::Done),
+        ChunkRequest::RepairBlock { chunk_id, version, block, data } => store.repair_block(chunk_id, version, block, &data).map(ChunkResponse::Repaired),
+        ChunkRequest::Version { chunk_id } => store.version(chunk_id).map(ChunkResponse::Version),
+        ChunkRequest::Digest { chunk_id, version } => store.content_digest(chunk_id, version).map(|(digest, len)| ChunkResponse::Digest { digest, len }),
+        ChunkRequest::ScrubReport => Ok(ChunkResponse::Scrub(store.scrub_report())),
+        ChunkRequest::Capacity => store.capacity().map(|(free, total)| ChunkResponse::Capacity { free, total }),
+    };
+    result.unwrap_or_else(|e| {
+        tracing::warn!("request refused: {e}");
+        ChunkResponse::Failed(failure(e))
+    })
+}
+
+fn serve_connection(store: &ChunkStore, stream: TcpStream) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = stream.set_nodelay(true);
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let request: ChunkRequest = match read_frame(&mut reader) {
+            Ok(r) => r,
+            Err(FrameError::Io(_)) => return,
+            Err(e) => {
+                // A malformed frame leaves the stream unsynchronized: answer once and hang up.
+                tracing::warn!(%peer, "bad frame: {e}");
+                let _ = write_frame(&mut writer, &ChunkResponse::Failed(ChunkFailure::BadRequest(e.to_string())));
+                return;
+            }
+        };
+        let response = handle(store, request);
+        if write_frame(&mut writer, &response).is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens the store in `data_dir` and serves on `listener` until the process ends; scrubs every
+/// replica every `scrub_interval` (never if `None`).
+pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_interval: Option<Duration>) -> Result<(), ChunkServerError> {
+    let store = Arc::new(ChunkStore::open(data_dir, chunk_size)?);
+    if let Some(interval) = scrub_interval {
+        let store = store.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(interval);
+            if let Err(e) = store.scrub_once() {
+                tracing::warn!("scrub pass failed: {e}");
+            }
+        });
+    }
+    tracing::info!(addr = ?listener.local_addr().ok(), data = %data_dir.display(), "chunk server ready");
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let store = store.clone();
+        std::thread::spawn(move || serve_connection(&store, stream));
+    }
+    Ok(())
+}
+
+pub fn bind(addr: &str) -> Result<TcpListener, ChunkServerError> {
+    TcpListener::bind(addr).map_err(|source| ChunkServerError::Listen { addr: addr.to_string(), source })
+}

@@ -1,0 +1,631 @@
+//! The replicated data path: a file is a sequence of chunks, each chunk replicated on several
+//! chunk servers. Writes go to every current replica in parallel and are acknowledged only when
+//! all answered, or, if some failed, after those are marked stale in the chunk map and at least
+//! `min_copies` hold the data. Reads go to one current replica (version checked by the server,
+//! every block's crc verified) and move to the next one on any failure.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::chunk_client::{ChunkClient, ChunkClientError};
+use crate::chunk_protocol::{ChunkFailure, ChunkRequest, ChunkResponse};
+use crate::chunk_store::BLOCK_SIZE;
+use crate::namespace::{ChunkInfo, HeldLease, Namespace, NamespaceError, Replica};
+use crate::placement::place_replicas;
+
+/// Default chunk size: 64 MiB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
+const MAX_CONFLICT_RETRIES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    #[error("file {ino}: chunk server {server} refused the write because a newer writer holds the file's lease (this writer had epoch {epoch})")]
+    Fenced { ino: u64, epoch: u64, server: String },
+    #[error("file {ino} chunk {index}: only {reached} of the required {min_copies} copies were written ({failures}); the write is not acknowledged")]
+    TooFewCopies { ino: u64, index: u64, reached: usize, min_copies: usize, failures: String },
+    #[error("file {ino} chunk {index}: no current replica could be read ({failures})")]
+    NoReadableReplica { ino: u64, index: u64, failures: String },
+    #[error("no chunk server is registered: start `fs-agent chunkserver --meta ...` on the storage nodes")]
+    NoServers,
+    #[error("file {ino} chunk {index}: only {usable:?} of the chunk servers answer with free space, fewer than the {min_copies} copies a write needs; free space or add servers")]
+    NoSpace { ino: u64, index: u64, usable: Vec<String>, min_copies: usize },
+}
+
+impl DataError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            DataError::Namespace(e) => e.errno(),
+            DataError::TooFewCopies { failures, .. } if failures.contains("NoSpace") => libc::ENOSPC,
+            DataError::NoServers | DataError::NoSpace { .. } => libc::ENOSPC,
+            DataError::Fenced { .. } | DataError::TooFewCopies { .. } | DataError::NoReadableReplica { .. } => libc::EIO,
+        }
+    }
+}
+
+/// What one heal pass over a file did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HealOutcome {
+    /// New replicas copied.
+    pub copied: u64,
+    /// Chunks still short of copies (not enough servers up).
+    pub still_under_replicated: u64,
+    /// Chunks with no current replica to copy from.
+    pub unavailable: u64,
+}
+
+pub struct FileData {
+    namespace: Arc<Namespace>,
+    chunks: ChunkClient,
+    chunk_size: u64,
+    min_copies: usize,
+    /// Chunk records of files this client holds the write lease of: while it holds the lease
+    /// nobody else changes them, so the cache is authoritative. Readers without the lease
+    /// always ask the store, so they never use a replica that became stale.
+    leased_chunks: Mutex<HashMap<(u64, u64), (ChunkInfo, u64)>>,
+    /// This node's own chunk server: read first when it holds a current replica.
+    local_server: Option<String>,
+}
+
+/// Result of sending one request to several replicas.
+struct Fanout {
+    succeeded: Vec<String>,
+    failures: Vec<(String, ChunkClientError)>,
+}
+
+impl Fanout {
+    fn fenced_by(&self) -> Option<&str> {
+        self.failures.iter().find_map(|(s, e)| matches!(e, ChunkClientError::Refused { failure: ChunkFailure::StaleEpoch(_), .. }).then_some(s.as_str()))
+    }
+
+    fn describe_failures(&self) -> String {
+        self.failures.iter().map(|(s, e)| format!("{s}: {e}")).collect::<Vec<_>>().join("; ")
+    }
+}
+
+impl FileData {
+    pub fn new(namespace: Arc<Namespace>, chunk_size: u64, min_copies: usize) -> FileData {
+        FileData {
+            namespace,
+            chunks: ChunkClient::new(),
+            chunk_size,
+            min_copies: min_copies.max(1),
+            leased_chunks: Mutex::new(HashMap::new()),
+            local_server: None,
+        }
+    }
+
+    /// Reads prefer `server` (this node's chunk server) when it holds a current replica.
+    pub fn with_local_server(mut self, server: Option<String>) -> FileData {
+        self.local_server = server;
+        self
+    }
+
+    /// Current replicas in read order: the local one first.
+    fn read_order(&self, chunk: &ChunkInfo) -> Vec<String> {
+        let mut servers = chunk.current_servers();
+        if let Some(local) = &self.local_server {
+            if let Some(i) = servers.iter().position(|s| s == local) {
+                let mine = servers.remove(i);
+                servers.insert(0, mine);
+            }
+        }
+        servers
+    }
+
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.namespace
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    fn fanout(&self, servers: &[String], request: &ChunkRequest) -> Fanout {
+        let results: Vec<(String, Result<ChunkResponse, ChunkClientError>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = servers.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, request)))).collect();
+            handles.into_iter().map(|(s, h)| (s, h.join().expect("replica call thread"))).collect()
+        });
+        let mut fanout = Fanout { succeeded: vec![], failures: vec![] };
+        for (server, result) in results {
+            match result {
+                Ok(_) => fanout.succeeded.push(server),
+                Err(e) => {
+                    tracing::warn!(%server, "replica failed: {e}");
+                    if matches!(e, ChunkClientError::Unreachable { .. }) {
+                        self.chunks.forget(&server);
+                    }
+                    fanout.failures.push((server, e));
+                }
+            }
+        }
+        fanout
+    }
+
+    /// The chunk record for writing `index` of the leased file, allocating the chunk if new.
+    fn chunk_for_write(&self, lease: &HeldLease, copies: u32, index: u64) -> Result<(ChunkInfo, u64), DataError> {
+        if let Some(cached) = self.leased_chunks.lock().expect("chunk cache").get(&(lease.ino, index)) {
+            return Ok(cached.clone());
+        }
+        let found = match self.namespace.chunk(lease.ino, index)? {
+            Some(found) => found,
+            None => {
+                let chunk_id: u64 = rand::random();
+                let placed = place_replicas(&self.placement_candidates(copies)?, copies as usize, chunk_id);
+                if placed.len() < self.min_copies {
+                    return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies });
+                }
+                let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
+                match self.namespace.put_chunk(lease, index, &chunk, 0)? {
+                    Some(rev) => (chunk, rev),
+                    // Another thread of this client allocated it first.
+                    None => self.namespace.chunk(lease.ino, index)?.ok_or_else(|| NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) })?,
+                }
+            }
+        };
+        self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), found.clone());
+        Ok(found)
+    }
+
+    /// Servers a new chunk may go to: those that answer and have room for a whole chunk; if
+    /// that is fewer than `copies`, those that answer at all (their writes may then fail
+    /// with ENOSPC, which marks them stale).
+    fn placement_candidates(&self, copies: u32) -> Result<Vec<String>, DataError> {
+        let servers = self.namespace.servers()?;
+        if servers.is_empty() {
+            return Err(DataError::NoServers);
+        }
+        let answers: Vec<(String, Option<u64>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = servers.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, &ChunkRequest::Capacity)))).collect();
+            handles
+                .into_iter()
+                .map(|(s, h)| match h.join().expect("capacity call thread") {
+                    Ok(ChunkResponse::Capacity { free, .. }) => (s, Some(free)),
+                    _ => (s, None),
+                })
+                .collect()
+        });
+        let with_room: Vec<String> = answers.iter().filter(|(_, free)| free.is_some_and(|f| f >= self.chunk_size)).map(|(s, _)| s.clone()).collect();
+        if with_room.len() >= copies as usize {
+            return Ok(with_room);
+        }
+        Ok(answers.into_iter().filter(|(_, free)| free.is_some()).map(|(s, _)| s).collect())
+    }
+
+    fn forget_cached(&self, ino: u64, index: u64) {
+        self.leased_chunks.lock().expect("chunk cache").remove(&(ino, index));
+    }
+
+    /// Forgets every cached chunk record of `ino` (its lease was released or lost).
+    pub fn forget_file(&self, ino: u64) {
+        self.leased_chunks.lock().expect("chunk cache").retain(|(i, _), _| *i != ino);
+    }
+
+    /// After a request reached only `fanout.succeeded` of the current replicas: record the
+    /// others as stale (new chunk version), then move the survivors to that version.
+    /// Returns `Ok(false)` if the chunk record changed meanwhile (the caller retries).
+    fn drop_failed_replicas(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, revision: u64, fanout: &Fanout) -> Result<bool, DataError> {
+        let after = chunk.after_partial_write(&fanout.succeeded);
+        let Some(new_revision) = self.namespace.put_chunk(lease, index, &after, revision)? else {
+            self.forget_cached(lease.ino, index);
+            return Ok(false);
+        };
+        tracing::warn!(ino = lease.ino, index, stale = ?fanout.failures.iter().map(|(s, _)| s).collect::<Vec<_>>(), version = after.version, "replicas marked stale");
+        self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), (after.clone(), new_revision));
+        // A zero-length write moves a replica to the new version. One that misses this bump
+        // stays behind the record and the servers refuse to serve it: safe, just one fewer copy.
+        let bump = ChunkRequest::Write { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: after.version, offset: 0, data: vec![], sync: false };
+        let bumped = self.fanout(&fanout.succeeded, &bump);
+        if let Some(server) = bumped.fenced_by() {
+            return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
+        }
+        Ok(true)
+    }
+
+    /// Writes `data` at `offset` of the leased file, every chunk to all of its current replicas.
+    pub fn write(&self, lease: &HeldLease, copies: u32, offset: u64, data: &[u8], sync: bool) -> Result<(), DataError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let position = offset + done as u64;
+            let index = position / self.chunk_size;
+            let in_chunk = position % self.chunk_size;
+            let len = ((self.chunk_size - in_chunk) as usize).min(data.len() - done);
+            self.write_chunk(lease, copies, index, in_chunk, &data[done..done + len], sync)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    fn write_chunk(&self, lease: &HeldLease, copies: u32, index: u64, offset: u64, data: &[u8], sync: bool) -> Result<(), DataError> {
+        self.update_replicas(lease, index, |chunk| ChunkRequest::Write {
+            file_id: lease.ino,
+            epoch: lease.epoch,
+            chunk_id: chunk.chunk_id,
+            version: chunk.version,
+            offset,
+            data: data.to_vec(),
+            sync,
+        }, Some(copies))
+    }
+
+    /// Zeroes `len` bytes at `offset` of the leased file (fallocate punch hole); chunks never
+    /// written are holes already.
+    pub fn punch_hole(&self, lease: &HeldLease, offset: u64, len: u64) -> Result<(), DataError> {
+        let end = offset.saturating_add(len);
+        let mut position = offset;
+        while position < end {
+            let index = position / self.chunk_size;
+            let in_chunk = position % self.chunk_size;
+            let piece = (self.chunk_size - in_chunk).min(end - position);
+            if self.cached_or_stored(lease, index)?.is_some() {
+                self.update_replicas(lease, index, |chunk| ChunkRequest::PunchHole {
+                    file_id: lease.ino,
+                    epoch: lease.epoch,
+                    chunk_id: chunk.chunk_id,
+                    version: chunk.version,
+                    offset: in_chunk,
+                    len: piece,
+                }, None)?;
+            }
+            position += piece;
+        }
+        Ok(())
+    }
+
+    /// Sends `make_request(chunk)` to every current replica of chunk `index` (allocating the
+    /// chunk with `allocate` copies if it is new), with the write path's failure handling.
+    fn update_replicas(&self, lease: &HeldLease, index: u64, make_request: impl Fn(&ChunkInfo) -> ChunkRequest, allocate: Option<u32>) -> Result<(), DataError> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let (chunk, revision) = match allocate {
+                Some(copies) => self.chunk_for_write(lease, copies, index)?,
+                None => match self.cached_or_stored(lease, index)? {
+                    Some(found) => found,
+                    None => return Ok(()),
+                },
+            };
+            let current = chunk.current_servers();
+            let request = make_request(&chunk);
+            let fanout = self.fanout(&current, &request);
+            if let Some(server) = fanout.fenced_by() {
+                self.forget_file(lease.ino);
+                return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
+            }
+            if fanout.failures.is_empty() && current.len() >= self.min_copies {
+                return Ok(());
+            }
+            if fanout.succeeded.is_empty() || fanout.succeeded.len() < self.min_copies {
+                // Not acknowledged. If some replicas took it, the others are now behind them.
+                if !fanout.succeeded.is_empty() && !fanout.failures.is_empty() {
+                    self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)?;
+                }
+                return Err(DataError::TooFewCopies {
+                    ino: lease.ino,
+                    index,
+                    reached: fanout.succeeded.len(),
+                    min_copies: self.min_copies,
+                    failures: fanout.describe_failures(),
+                });
+            }
+            if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
+                return Ok(());
+            }
+        }
+        Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into())
+    }
+
+    /// Reads up to `len` bytes at `offset` of a file of `size` bytes.
+    pub fn read(&self, ino: u64, size: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<Vec<u8>, DataError> {
+        if offset >= size {
+            return Ok(vec![]);
+        }
+        let len = len.min(size - offset);
+        let mut out = Vec::with_capacity(len as usize);
+        while (out.len() as u64) < len {
+            let position = offset + out.len() as u64;
+            let index = position / self.chunk_size;
+            let in_chunk = position % self.chunk_size;
+            let piece = (self.chunk_size - in_chunk).min(len - out.len() as u64);
+            out.extend(self.read_chunk(ino, index, in_chunk, piece, lease)?);
+        }
+        Ok(out)
+    }
+
+    fn read_chunk(&self, ino: u64, index: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<Vec<u8>, DataError> {
+        let mut failures = Vec::new();
+        for attempt in 0..2 {
+            let cached = if attempt == 0 && lease.is_some() { self.leased_chunks.lock().expect("chunk cache").get(&(ino, index)).cloned() } else { None };
+            let chunk = match cached {
+                Some((c, _)) => c,
+                None => match self.namespace.chunk(ino, index)? {
+                    Some((c, _)) => c,
+                    None => return Ok(vec![0u8; len as usize]), // a hole
+                },
+            };
+            let mut corrupt: Vec<(String, u64)> = Vec::new();
+            for server in self.read_order(&chunk) {
+                let request = ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset, len };
+                match self.chunks.call(&server, &request) {
+                    Ok(ChunkResponse::Data(data)) if data.len() as u64 == len => {
+                        for (bad_server, block) in corrupt {
+                            self.repair_block(&chunk, &server, &bad_server, block);
+                        }
+                        return Ok(data);
+                    }
+                    Ok(other) => failures.push(format!("{server}: unexpected answer {other:?}")),
+                    Err(e) => {
+                        if let ChunkClientError::Refused { failure: ChunkFailure::Corrupt { block, .. }, .. } = &e {
+                            corrupt.push((server.clone(), *block));
+                        }
+                        tracing::warn!(ino, index, %server, "replica read failed, trying the next one: {e}");
+                        failures.push(format!("{server}: {e}"));
+                    }
+                }
+            }
+        }
+        Err(DataError::NoReadableReplica { ino, index, failures: failures.join("; ") })
+    }
+
+    /// Copies `block` from the replica `good` over the corrupt one on `bad` (same version).
+    /// Best effort: a failed repair leaves the block detected as corrupt, as before.
+    fn repair_block(&self, chunk: &ChunkInfo, good: &str, bad: &str, block: u64) {
+        let block_start = block * BLOCK_SIZE;
+        let len = BLOCK_SIZE.min(self.chunk_size - block_start);
+        let read = ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset: block_start, len };
+        let result = match self.chunks.call(good, &read) {
+            Ok(ChunkResponse::Data(data)) => {
+                self.chunks.call(bad, &ChunkRequest::RepairBlock { chunk_id: chunk.chunk_id, version: chunk.version, block, data })
+            }
+            Ok(other) => Ok(other),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(ChunkResponse::Repaired(true)) => tracing::info!(chunk_id = chunk.chunk_id, block, %bad, from = %good, "repaired a corrupt block"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(chunk_id = chunk.chunk_id, block, %bad, "could not repair a corrupt block: {e}"),
+        }
+    }
+
+    /// Makes the written chunks `indexes` of the leased file durable on their current replicas.
+    pub fn sync(&self, lease: &HeldLease, indexes: &[u64]) -> Result<(), DataError> {
+        for &index in indexes {
+            for _ in 0..MAX_CONFLICT_RETRIES {
+                let Some((chunk, revision)) = self.cached_or_stored(lease, index)? else { break };
+                let fanout = self.fanout(&chunk.current_servers(), &ChunkRequest::Sync { chunk_id: chunk.chunk_id });
+                if fanout.failures.is_empty() {
+                    break;
+                }
+                if fanout.succeeded.len() < self.min_copies {
+                    return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
+                }
+                if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cached_or_stored(&self, lease: &HeldLease, index: u64) -> Result<Option<(ChunkInfo, u64)>, DataError> {
+        if let Some(c) = self.leased_chunks.lock().expect("chunk cache").get(&(lease.ino, index)) {
+            return Ok(Some(c.clone()));
+        }
+        Ok(self.namespace.chunk(lease.ino, index)?)
+    }
+
+    /// Sets the leased file's size to `new_size`: chunks past it are dropped, the one it ends
+    /// in is cut, so a later extension reads zeros there.
+    pub fn truncate(&self, lease: &HeldLease, new_size: u64) -> Result<(), DataError> {
+        let first_dropped = new_size.div_ceil(self.chunk_size);
+        let dropped = self.namespace.delete_chunks_from(lease, first_dropped)?;
+        for index in first_dropped..first_dropped + dropped.len() as u64 + 1 {
+            self.forget_cached(lease.ino, index);
+        }
+        self.forget_file(lease.ino);
+        self.delete_replicas(&dropped);
+        if new_size % self.chunk_size != 0 {
+            let index = new_size / self.chunk_size;
+            for _ in 0..MAX_CONFLICT_RETRIES {
+                let Some((chunk, revision)) = self.cached_or_stored(lease, index)? else { break };
+                let request = ChunkRequest::Truncate { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: chunk.version, len: new_size % self.chunk_size };
+                let fanout = self.fanout(&chunk.current_servers(), &request);
+                if let Some(server) = fanout.fenced_by() {
+                    return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
+                }
+                if fanout.failures.is_empty() {
+                    break;
+                }
+                if fanout.succeeded.len() < self.min_copies {
+                    return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
+                }
+                if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
+                    break;
+                }
+            }
+        }
+        self.namespace.set_size(lease, new_size, None)?;
+        Ok(())
+    }
+
+    /// Tells every server holding a replica of the leased file about the lease's epoch, so a
+    /// writer with an older epoch is refused from now on. A server that cannot be told is
+    /// marked stale for the file's chunks: whatever a fenced writer still puts there is never read.
+    pub fn fence(&self, lease: &HeldLease) -> Result<(), DataError> {
+        self.forget_file(lease.ino);
+        let chunks = self.namespace.chunks(lease.ino)?;
+        let mut servers: Vec<String> = chunks.iter().flat_map(|(_, c, _)| c.replicas.iter().map(|r| r.server.clone())).collect();
+        servers.sort();
+        servers.dedup();
+        let fanout = self.fanout(&servers, &ChunkRequest::Fence { file_id: lease.ino, epoch: lease.epoch });
+        if let Some(server) = fanout.fenced_by() {
+            return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
+        }
+        if !fanout.failures.is_empty() {
+            self.mark_unreachable_stale(lease, chunks, &fanout)?;
+        }
+        self.resync_diverged(lease)
+    }
+
+    /// A writer that died mid-write may have left current replicas of a chunk different
+    /// (a write that reached some of them, never acknowledged). After a takeover any one of
+    /// them is a valid outcome: copy the first over the others, so reads never flip.
+    fn resync_diverged(&self, lease: &HeldLease) -> Result<(), DataError> {
+        for (index, chunk, _) in self.namespace.chunks(lease.ino)? {
+            let current = chunk.current_servers();
+            if current.len() < 2 {
+                continue;
+            }
+            let digests: Vec<(String, Option<(u64, u64)>)> = current
+                .iter()
+                .map(|s| {
+                    let answer = match self.chunks.call(s, &ChunkRequest::Digest { chunk_id: chunk.chunk_id, version: chunk.version }) {
+                        Ok(ChunkResponse::Digest { digest, len }) => Some((digest, len)),
+                        _ => None,
+                    };
+                    (s.clone(), answer)
+                })
+                .collect();
+            let Some((source, (source_digest, source_len))) = digests.iter().find_map(|(s, d)| d.map(|d| (s.clone(), d))) else { continue };
+            for (server, digest) in &digests {
+                if digest.is_some_and(|(d, _)| d != source_digest) {
+                    tracing::warn!(ino = lease.ino, index, %server, from = %source, "replica differs after a takeover: resyncing it");
+                    if let Err(e) = self.copy_chunk(lease, &chunk, &source, server, source_len, true) {
+                        tracing::warn!(ino = lease.ino, index, %server, "resync failed, the replica stays different: {e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_unreachable_stale(&self, lease: &HeldLease, chunks: Vec<(u64, ChunkInfo, u64)>, fanout: &Fanout) -> Result<(), DataError> {
+        let unreachable: Vec<&String> = fanout.failures.iter().map(|(s, _)| s).collect();
+        for (index, chunk, revision) in chunks {
+            let current = chunk.current_servers();
+            if !current.iter().any(|s| unreachable.contains(&s)) {
+                continue;
+            }
+            let survivors: Vec<String> = current.into_iter().filter(|s| !unreachable.contains(&s)).collect();
+            let partial = Fanout { succeeded: survivors, failures: vec![] };
+            if !self.drop_failed_replicas(lease, index, &chunk, revision, &partial)? {
+                return Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings every chunk of the leased file back to `copies` current replicas: copies a
+    /// current replica to servers that hold none (reachable, registered ones), then records
+    /// them, dropping stale entries. The caller must keep writes to this file out meanwhile
+    /// (it holds the lease and does not write), since a copy racing a write would miss it.
+    /// `only`: heal just that chunk index (so a writer can let writes through between chunks).
+    pub fn heal_file(&self, lease: &HeldLease, copies: u32, file_size: u64, only: Option<u64>) -> Result<HealOutcome, DataError> {
+        let mut outcome = HealOutcome::default();
+        let servers = self.namespace.servers()?;
+        let up: Vec<String> = servers.into_iter().filter(|s| matches!(self.chunks.call(s, &ChunkRequest::Capacity), Ok(ChunkResponse::Capacity { .. }))).collect();
+        for (index, chunk, revision) in self.namespace.chunks(lease.ino)? {
+            let current = chunk.current_servers();
+            if only.is_some_and(|i| i != index) || (current.len() >= copies as usize && current.len() == chunk.replicas.len()) {
+                continue;
+            }
+            let Some(source) = current.first().cloned() else {
+                outcome.unavailable += 1;
+                continue;
+            };
+            let wanted = (copies as usize).saturating_sub(current.len());
+            let candidates: Vec<String> = up.iter().filter(|s| !current.contains(s)).cloned().collect();
+            let chunk_start = index * self.chunk_size;
+            let extent = file_size.saturating_sub(chunk_start).min(self.chunk_size);
+            let mut added = Vec::new();
+            for target in candidates {
+                if added.len() >= wanted {
+                    break;
+                }
+                match self.copy_chunk(lease, &chunk, &source, &target, extent, false) {
+                    Ok(()) => added.push(target),
+                    Err(e) => tracing::warn!(chunk_id = chunk.chunk_id, %target, "cannot copy a replica there: {e}"),
+                }
+            }
+            let stale: Vec<ChunkInfo> = vec![ChunkInfo {
+                chunk_id: chunk.chunk_id,
+                version: chunk.version,
+                replicas: chunk.replicas.iter().filter(|r| r.version != chunk.version && !added.contains(&r.server)).cloned().collect(),
+            }];
+            let mut healed = ChunkInfo { chunk_id: chunk.chunk_id, version: chunk.version, replicas: vec![] };
+            healed.replicas = current.iter().chain(added.iter()).map(|server| Replica { server: server.clone(), version: chunk.version }).collect();
+            if self.namespace.put_chunk(lease, index, &healed, revision)?.is_none() {
+                return Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into());
+            }
+            self.delete_replicas(&stale);
+            outcome.copied += added.len() as u64;
+            if healed.replicas.len() < copies as usize {
+                outcome.still_under_replicated += 1;
+            }
+        }
+        self.forget_file(lease.ino);
+        Ok(outcome)
+    }
+
+    /// Copies the first `extent` bytes of `chunk` from `source` to `target` at the same version.
+    /// `target_is_current`: the target is read meanwhile, so it is overwritten in place and
+    /// cut afterwards (readers see old or new bytes, never a truncated chunk); otherwise it is
+    /// emptied first, so a leftover stale copy cannot show through.
+    fn copy_chunk(&self, lease: &HeldLease, chunk: &ChunkInfo, source: &str, target: &str, extent: u64, target_is_current: bool) -> Result<(), ChunkClientError> {
+        let cut = |len| ChunkRequest::Truncate { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: chunk.version, len };
+        if !target_is_current {
+            self.chunks.call(target, &cut(0))?;
+        }
+        let piece = 1024 * 1024;
+        let mut offset = 0;
+        while offset < extent {
+            let len = piece.min(extent - offset);
+            let data = match self.chunks.call(source, &ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset, len })? {
+                ChunkResponse::Data(d) => d,
+                other => return Err(ChunkClientError::Protocol { server: source.to_string(), answer: format!("{other:?}") }),
+            };
+            let write = ChunkRequest::Write { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: chunk.version, offset, data, sync: false };
+            self.chunks.call(target, &write)?;
+            offset += len;
+        }
+        if target_is_current {
+            self.chunks.call(target, &cut(extent))?;
+        }
+        // An empty extent still leaves the target at the chunk's version.
+        let bump = ChunkRequest::Write { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: chunk.version, offset: 0, data: vec![], sync: false };
+        self.chunks.call(target, &bump)?;
+        self.chunks.call(target, &ChunkRequest::Sync { chunk_id: chunk.chunk_id })?;
+        Ok(())
+    }
+
+    /// Best-effort removal of deleted chunks from their servers (leftovers are garbage only).
+    pub fn delete_replicas(&self, chunks: &[ChunkInfo]) {
+        for chunk in chunks {
+            let servers: Vec<String> = chunk.replicas.iter().map(|r| r.server.clone()).collect();
+            let fanout = self.fanout(&servers, &ChunkRequest::Delete { chunk_id: chunk.chunk_id });
+            if !fanout.failures.is_empty() {
+                tracing::warn!(chunk_id = chunk.chunk_id, "could not delete every replica: {}", fanout.describe_failures());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata_store::MemoryMetadata;
+
+    #[test]
+    fn reads_prefer_the_local_current_replica() {
+        let ns = Arc::new(Namespace::new(Arc::new(MemoryMetadata::new())));
+        let chunk = ChunkInfo {
+            chunk_id: 1,
+            version: 2,
+            replicas: ["a", "b", "c"].iter().map(|s| Replica { server: s.to_string(), version: 2 }).collect(),
+        };
+        let data = FileData::new(ns.clone(), 1 << 20, 2).with_local_server(Some("c".into()));
+        assert_eq!(data.read_order(&chunk), vec!["c", "a", "b"]);
+        let mut stale_local = chunk.clone();
+        stale_local.replicas[2].version = 1;
+        assert_eq!(data.read_order(&stale_local), vec!["a", "b"], "a stale local replica is never read");
+    }
+}

@@ -1,0 +1,819 @@
+//! The FUSE mount: POSIX operations translated to [`Namespace`] (metadata) and [`FileData`]
+//! (replicated chunks). Permission checks are the kernel's (`default_permissions`), on the
+//! mode and ownership stored in the metadata.
+//!
+//! A file opened for writing takes the file's exclusive write lease; its size lives in memory
+//! while the lease is held and is committed on flush, fsync and close. If another writer took
+//! the lease over, every later write, flush and fsync of this mount fails with EIO.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyLock, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::chunk_protocol::{ChunkRequest, ChunkResponse};
+use crate::file_data::{DataError, FileData};
+use crate::namespace::{AttrChanges, HeldLease, Inode, InodeKind, NamespaceError, Removed, Timestamp, XattrMode};
+
+/// How long the kernel may cache attributes and entries: short, since other nodes change them.
+const ATTR_TTL: Duration = Duration::from_secs(1);
+
+/// Per-file state of files open on this mount.
+#[derive(Default)]
+struct OpenFile {
+    handles: u32,
+    writers: u32,
+    lease: Option<HeldLease>,
+    /// The size while we hold the lease (authoritative; committed on flush/fsync/close).
+    size: u64,
+    size_dirty: bool,
+    dirty_chunks: BTreeSet<u64>,
+    copies: u32,
+    /// Set once a write was fenced: the lease is gone, every later write fails.
+    fenced: bool,
+}
+
+struct Handle {
+    ino: u64,
+    writable: bool,
+    sync_writes: bool,
+}
+
+pub struct SharedFs {
+    data: Arc<FileData>,
+    /// Who we are in write leases: unique per mount process.
+    holder: String,
+    open_files: Arc<Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    /// Files where processes of this node took byte-range locks (released on close).
+    locked_files: Mutex<std::collections::HashSet<u64>>,
+}
+
+fn errno_of(code: i32) -> Errno {
+    Errno::from_i32(code)
+}
+
+fn ns_err(e: NamespaceError) -> Errno {
+    if matches!(e, NamespaceError::Store(_) | NamespaceError::Fenced { .. }) {
+        tracing::error!("{e}");
+    }
+    errno_of(e.errno())
+}
+
+fn data_err(e: DataError) -> Errno {
+    tracing::error!("{e}");
+    errno_of(e.errno())
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Errno> {
+    // Keys of the store are UTF-8: other names get a clear EINVAL rather than a mangled name.
+    name.to_str().ok_or(Errno::EINVAL)
+}
+
+fn time_of(t: TimeOrNow) -> Timestamp {
+    match t {
+        TimeOrNow::SpecificTime(t) => Timestamp::from(t),
+        TimeOrNow::Now => Timestamp::now(),
+    }
+}
+
+impl SharedFs {
+    /// `node_id` names this writer in write leases. A restarted agent with the same id gets
+    /// its leases back (same epoch); another node must take them over (new epoch).
+    pub fn new(data: FileData, node_id: &str) -> SharedFs {
+        let holder = node_id.to_string();
+        SharedFs { data: Arc::new(data), holder, open_files: Arc::new(Mutex::new(HashMap::new())), handles: Mutex::new(HashMap::new()), next_handle: AtomicU64::new(1), locked_files: Mutex::new(Default::default()) }
+    }
+
+    /// Every `interval`, brings the files this mount holds the write lease of back to their
+    /// copies (nobody else may heal them while we write). Each file's writes wait during its
+    /// heal, which is what keeps a copy from missing a write.
+    pub fn spawn_healer(&self, interval: Duration) {
+        let data = self.data.clone();
+        let open_files = self.open_files.clone();
+        std::thread::Builder::new()
+            .name("fs-heal".into())
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let files: Vec<(u64, Arc<Mutex<OpenFile>>)> = open_files.lock().expect("open files").iter().map(|(i, f)| (*i, f.clone())).collect();
+                for (ino, file) in files {
+                    let copies = file.lock().expect("open file").copies;
+                    let degraded: Vec<u64> = match data.namespace().chunks(ino) {
+                        Ok(chunks) => chunks
+                            .iter()
+                            .filter(|(_, c, _)| c.current_servers().len() < copies as usize || c.current_servers().len() != c.replicas.len())
+                            .map(|(i, _, _)| *i)
+                            .collect(),
+                        Err(_) => continue,
+                    };
+                    // One chunk at a time under the file's lock: writes wait for one chunk's copy only.
+                    for index in degraded {
+                        let state = file.lock().expect("open file");
+                        let (Some(lease), false) = (state.lease, state.fenced) else { break };
+                        match data.heal_file(&lease, state.copies, state.size, Some(index)) {
+                            Ok(outcome) => tracing::info!(ino, index, ?outcome, "healed a chunk of an open file"),
+                            Err(e) => tracing::warn!(ino, index, "cannot heal a chunk of an open file: {e}"),
+                        }
+                    }
+                }
+            })
+            .expect("spawn the healer thread");
+    }
+
+    fn attr(&self, inode: &Inode) -> FileAttr {
+        let mut size = inode.size;
+        // Clone out of the table first: a file's lock may be held by a long write or heal.
+        let open = self.open_files.lock().expect("open files").get(&inode.ino).cloned();
+        if let Some(file) = open {
+            let file = file.lock().expect("open file");
+            if file.lease.is_some() {
+                size = file.size;
+            }
+        }
+        let kind = match inode.kind {
+            InodeKind::Directory => FileType::Directory,
+            InodeKind::File => FileType::RegularFile,
+            InodeKind::Symlink => FileType::Symlink,
+        };
+        FileAttr {
+            ino: INodeNo(inode.ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: inode.atime.into(),
+            mtime: inode.mtime.into(),
+            ctime: inode.ctime.into(),
+            crtime: inode.ctime.into(),
+            kind,
+            perm: inode.mode as u16,
+            nlink: inode.nlink,
+            uid: inode.uid,
+            gid: inode.gid,
+            rdev: 0,
+            blksize: 64 * 1024,
+            flags: 0,
+        }
+    }
+
+    fn open_file(&self, ino: u64) -> Arc<Mutex<OpenFile>> {
+        self.open_files.lock().expect("open files").entry(ino).or_default().clone()
+    }
+
+    /// Registers an open handle; a writable one takes the file's write lease.
+    fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+        let accmode = flags & libc::O_ACCMODE;
+        let writable = accmode == libc::O_WRONLY || accmode == libc::O_RDWR;
+        let file = self.open_file(ino);
+        let mut state = file.lock().expect("open file");
+        if writable && state.lease.is_none() {
+            let acquired = (|| {
+                let lease = self.data.namespace().acquire_lease(ino, &self.holder, false).map_err(ns_err)?;
+                // Fence older epochs on the chunk servers before our first write lands.
+                let ready = self.data.fence(&lease).map_err(data_err).and_then(|()| self.data.namespace().inode(ino).map_err(ns_err));
+                match ready {
+                    Ok(inode) => Ok((lease, inode)),
+                    Err(e) => {
+                        let _ = self.data.namespace().release_lease(&lease);
+                        Err(e)
+                    }
+                }
+            })();
+            match acquired {
+                Ok((lease, inode)) => {
+                    state.size = inode.size;
+                    state.copies = inode.replicas;
+                    state.lease = Some(lease);
+                    state.fenced = false;
+                }
+                Err(e) => {
+                    drop(state);
+                    drop(file);
+                    self.drop_if_unused(ino);
+                    return Err(e);
+                }
+            }
+        }
+        state.handles += 1;
+        if writable {
+            state.writers += 1;
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let sync_writes = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        self.handles.lock().expect("handles").insert(fh, Handle { ino, writable, sync_writes });
+        Ok(fh)
+    }
+
+    /// Forgets a file's state once nothing uses it. Callers drop their own `Arc` first: an
+    /// entry someone else still holds (an open in progress, a heal) is kept, so two states
+    /// for one file can never exist.
+    fn drop_if_unused(&self, ino: u64) {
+        let mut files = self.open_files.lock().expect("open files");
+        if let Some(file) = files.get(&ino) {
+            if Arc::strong_count(file) > 1 {
+                return;
+            }
+            let state = file.lock().expect("open file");
+            if state.handles == 0 && state.lease.is_none() {
+                drop(state);
+                files.remove(&ino);
+            }
+        }
+    }
+
+    /// Commits the in-memory size of a leased file (flush, fsync, close).
+    fn commit_size(&self, state: &mut OpenFile) -> Result<(), Errno> {
+        if state.fenced {
+            return Err(Errno::EIO);
+        }
+        if let (Some(lease), true) = (state.lease, state.size_dirty) {
+            match self.data.namespace().set_size(&lease, state.size, None) {
+                Ok(_) => state.size_dirty = false,
+                Err(e) => {
+                    if matches!(e, NamespaceError::Fenced { .. }) {
+                        state.fenced = true;
+                    }
+                    return Err(ns_err(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_file(&self, ino: u64) -> Result<(), Errno> {
+        let file = self.open_file(ino);
+        let mut state = file.lock().expect("open file");
+        if state.fenced {
+            return Err(Errno::EIO);
+        }
+        if let Some(lease) = state.lease {
+            let dirty: Vec<u64> = state.dirty_chunks.iter().copied().collect();
+            self.data.sync(&lease, &dirty).map_err(data_err)?;
+            state.dirty_chunks.clear();
+        }
+        self.commit_size(&mut state)
+    }
+
+    fn cleanup_removed(&self, removed: Removed) {
+        if !removed.chunks.is_empty() {
+            self.data.delete_replicas(&removed.chunks);
+        }
+    }
+
+    fn set_size(&self, ino: u64, size: u64) -> Result<(), Errno> {
+        let file = self.open_file(ino);
+        let mut state = file.lock().expect("open file");
+        let temporary = state.lease.is_none();
+        let lease = match state.lease {
+            Some(l) => l,
+            None => self.data.namespace().acquire_lease(ino, &self.holder, false).map_err(ns_err)?,
+        };
+        if temporary {
+            if let Err(e) = self.data.fence(&lease) {
+                let _ = self.data.namespace().release_lease(&lease);
+                return Err(data_err(e));
+            }
+        }
+        let result = self.data.truncate(&lease, size);
+        if temporary {
+            self.data.forget_file(ino);
+            let _ = self.data.namespace().release_lease(&lease);
+        }
+        match result {
+            Ok(()) => {
+                state.size = size;
+                state.size_dirty = false;
+                Ok(())
+            }
+            Err(e) => {
+                if !temporary && matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
+                    state.fenced = true;
+                }
+                Err(data_err(e))
+            }
+        }
+    }
+
+    /// Takes or releases a byte-range lock; `Err(LockConflict)` if another owner holds it.
+    fn set_lock(&self, ino: u64, owner: u64, pid: u32, start: u64, end: u64, typ: i32) -> Result<(), NamespaceError> {
+        let node = self.holder.as_str();
+        if typ == libc::F_UNLCK {
+            return self.data.namespace().update_locks(ino, |locks| Ok(crate::locks::unlock(locks, node, owner, start, end)));
+        }
+        let exclusive = typ == libc::F_WRLCK;
+        self.locked_files.lock().expect("locked files").insert(ino);
+        self.data.namespace().update_locks(ino, |locks| {
+            if let Some(held) = crate::locks::find_conflict(&locks, node, owner, start, end, exclusive) {
+                return Err(NamespaceError::LockConflict { ino, node: held.node.clone(), pid: held.pid });
+            }
+            Ok(crate::locks::lock(locks, node, owner, pid, start, end, exclusive))
+        })
+    }
+
+    /// Forgets this node's locks from an earlier run: its processes are gone.
+    pub fn drop_stale_locks(&self) -> Result<(), NamespaceError> {
+        self.data.namespace().drop_node_locks(&self.holder)
+    }
+
+    fn statfs_totals(&self) -> (u64, u64) {
+        let servers = self.data.namespace().servers().unwrap_or_default();
+        let client = crate::chunk_client::ChunkClient::new();
+        let (mut free, mut total) = (0u64, 0u64);
+        for server in &servers {
+            if let Ok(ChunkResponse::Capacity { free: f, total: t }) = client.call(server, &ChunkRequest::Capacity) {
+                free += f;
+                total += t;
+            }
+        }
+        // Every byte is stored on (by default) 3 servers.
+        (free / 3, total / 3)
+    }
+}
+
+impl fuser::Filesystem for SharedFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Byte-range locks come to us (and so hold across nodes) only with FUSE_POSIX_LOCKS.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_LOCKS) {
+            tracing::warn!(?missing, "the kernel offers no POSIX lock support: fcntl locks stay local to this node");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = name_str(name).and_then(|name| self.data.namespace().lookup(parent.0, name).map_err(ns_err));
+        match result {
+            Ok(inode) => reply.entry(&ATTR_TTL, &self.attr(&inode), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.data.namespace().inode(ino.0) {
+            Ok(inode) => reply.attr(&ATTR_TTL, &self.attr(&inode)),
+            Err(e) => reply.error(ns_err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if let Some(size) = size {
+            match self.data.namespace().inode(ino.0) {
+                Ok(inode) if inode.kind == InodeKind::Directory => return reply.error(Errno::EISDIR),
+                Ok(_) => {}
+                Err(e) => return reply.error(ns_err(e)),
+            }
+            if let Err(e) = self.set_size(ino.0, size) {
+                return reply.error(e);
+            }
+        }
+        let changes = AttrChanges { mode, uid, gid, atime: atime.map(time_of), mtime: mtime.map(time_of) };
+        match self.data.namespace().set_attributes(ino.0, &changes) {
+            Ok(inode) => reply.attr(&ATTR_TTL, &self.attr(&inode)),
+            Err(e) => reply.error(ns_err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.data.namespace().inode(ino.0) {
+            Ok(Inode { symlink_target: Some(target), .. }) => reply.data(target.as_bytes()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(ns_err(e)),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let result = name_str(name).and_then(|name| {
+            self.data.namespace().create(parent.0, name, InodeKind::Directory, mode & !umask, req.uid(), req.gid(), None).map_err(ns_err)
+        });
+        match result {
+            Ok(inode) => reply.entry(&ATTR_TTL, &self.attr(&inode), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let is_open = |ino: u64| self.open_files.lock().expect("open files").contains_key(&ino);
+        match name_str(name).and_then(|name| self.data.namespace().unlink_keeping(parent.0, name, &is_open).map_err(ns_err)) {
+            Ok(removed) => {
+                self.cleanup_removed(removed);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_str(name).and_then(|name| self.data.namespace().rmdir(parent.0, name).map_err(ns_err)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let result = name_str(link_name).and_then(|name| {
+            let target = target.to_str().ok_or(Errno::EINVAL)?.to_string();
+            self.data.namespace().create(parent.0, name, InodeKind::Symlink, 0o777, req.uid(), req.gid(), Some(target)).map_err(ns_err)
+        });
+        match result {
+            Ok(inode) => reply.entry(&ATTR_TTL, &self.attr(&inode), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let result = name_str(name).and_then(|name| {
+            let newname = name_str(newname)?;
+            let is_open = |ino: u64| self.open_files.lock().expect("open files").contains_key(&ino);
+            self.data.namespace().rename_keeping(parent.0, name, newparent.0, newname, no_replace, &is_open).map_err(ns_err)
+        });
+        match result {
+            Ok(removed) => {
+                self.cleanup_removed(removed);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        match name_str(newname).and_then(|newname| self.data.namespace().link(ino.0, newparent.0, newname).map_err(ns_err)) {
+            Ok(inode) => reply.entry(&ATTR_TTL, &self.attr(&inode), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_handle(ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let result = name_str(name).and_then(|name| {
+            let inode = self.data.namespace().create(parent.0, name, InodeKind::File, mode & !umask, req.uid(), req.gid(), None).map_err(ns_err)?;
+            let fh = self.open_handle(inode.ino, flags)?;
+            Ok((inode, fh))
+        });
+        match result {
+            Ok((inode, fh)) => reply.created(&ATTR_TTL, &self.attr(&inode), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        let open = self.open_files.lock().expect("open files").get(&ino.0).cloned();
+        let (lease, local_size) = match open {
+            Some(file) => {
+                let state = file.lock().expect("open file");
+                (state.lease, state.lease.map(|_| state.size))
+            }
+            None => (None, None),
+        };
+        let file_size = match local_size {
+            Some(s) => s,
+            None => match self.data.namespace().inode(ino.0) {
+                Ok(inode) => inode.size,
+                Err(e) => return reply.error(ns_err(e)),
+            },
+        };
+        match self.data.read(ino.0, file_size, offset, size as u64, lease.as_ref()) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(data_err(e)),
+        }
+    }
+
+    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        let sync = match self.handles.lock().expect("handles").get(&fh.0) {
+            Some(h) if h.writable && h.ino == ino.0 => h.sync_writes,
+            _ => return reply.error(Errno::EBADF),
+        };
+        let file = self.open_file(ino.0);
+        let mut state = file.lock().expect("open file");
+        let Some(lease) = state.lease else { return reply.error(Errno::EBADF) };
+        if state.fenced {
+            return reply.error(Errno::EIO);
+        }
+        if let Err(e) = self.data.write(&lease, state.copies, offset, data, sync) {
+            if matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
+                state.fenced = true;
+            }
+            return reply.error(data_err(e));
+        }
+        let end = offset + data.len() as u64;
+        let chunk_size = self.data.chunk_size();
+        for index in offset / chunk_size..=(end.max(1) - 1) / chunk_size {
+            state.dirty_chunks.insert(index);
+        }
+        if end > state.size {
+            state.size = end;
+            state.size_dirty = true;
+        }
+        if sync {
+            if let Err(e) = self.commit_size(&mut state) {
+                return reply.error(e);
+            }
+        }
+        reply.written(data.len() as u32)
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // POSIX: closing any descriptor of a file releases the process's locks on it.
+        if self.locked_files.lock().expect("locked files").contains(&ino.0) {
+            if let Err(e) = self.set_lock(ino.0, lock_owner.0, 0, 0, u64::MAX, libc::F_UNLCK) {
+                tracing::warn!(ino = ino.0, "cannot release byte-range locks at close: {e}");
+            }
+        }
+        let writable = self.handles.lock().expect("handles").get(&fh.0).is_some_and(|h| h.writable);
+        if !writable {
+            return reply.ok();
+        }
+        let file = self.open_file(ino.0);
+        let mut state = file.lock().expect("open file");
+        match self.commit_size(&mut state) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.sync_file(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let Some(handle) = self.handles.lock().expect("handles").remove(&fh.0) else { return reply.ok() };
+        let file = self.open_file(ino.0);
+        let mut result = Ok(());
+        {
+            let mut state = file.lock().expect("open file");
+            state.handles = state.handles.saturating_sub(1);
+            if handle.writable {
+                state.writers = state.writers.saturating_sub(1);
+                if state.writers == 0 {
+                    result = self.commit_size(&mut state);
+                    if let Some(lease) = state.lease.take() {
+                        if !state.fenced {
+                            if let Err(e) = self.data.namespace().release_lease(&lease) {
+                                tracing::warn!(ino = ino.0, "cannot release the write lease: {e}");
+                            }
+                        }
+                        self.data.forget_file(ino.0);
+                    }
+                    state.dirty_chunks.clear();
+                }
+            }
+        }
+        let last_close = file.lock().expect("open file").handles == 0;
+        drop(file);
+        if last_close {
+            match self.data.namespace().inode(ino.0) {
+                Ok(inode) if inode.nlink == 0 && inode.kind == InodeKind::File => match self.data.namespace().remove_orphan(ino.0) {
+                    Ok(removed) => self.cleanup_removed(removed),
+                    Err(e) => tracing::warn!(ino = ino.0, "cannot delete an unlinked file at its last close: {e}"),
+                },
+                _ => {}
+            }
+        }
+        self.drop_if_unused(ino.0);
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getlk(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, _pid: u32, reply: ReplyLock) {
+        match self.data.namespace().locks(ino.0) {
+            Ok(locks) => match crate::locks::find_conflict(&locks, &self.holder, lock_owner.0, start, end, typ == libc::F_WRLCK) {
+                Some(l) => reply.locked(l.start, l.end, if l.exclusive { libc::F_WRLCK } else { libc::F_RDLCK }, l.pid),
+                None => reply.locked(start, end, libc::F_UNLCK, 0),
+            },
+            Err(e) => reply.error(ns_err(e)),
+        }
+    }
+
+    fn setlk(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
+        let mut wait = Duration::from_millis(20);
+        loop {
+            match self.set_lock(ino.0, lock_owner.0, pid, start, end, typ) {
+                Ok(()) => return reply.ok(),
+                // F_SETLKW: wait for the holder, wherever it runs (this holds a worker thread).
+                Err(NamespaceError::LockConflict { .. }) if sleep => {
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return reply.error(errno_of(e.errno())),
+            }
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let writable = self.handles.lock().expect("handles").get(&fh.0).is_some_and(|h| h.writable && h.ino == ino.0);
+        if !writable {
+            return reply.error(Errno::EBADF);
+        }
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 || (punch && !keep_size) || (punch && zero) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let file = self.open_file(ino.0);
+        let mut state = file.lock().expect("open file");
+        let Some(lease) = state.lease else { return reply.error(Errno::EBADF) };
+        if state.fenced {
+            return reply.error(Errno::EIO);
+        }
+        if punch || zero {
+            if let Err(e) = self.data.punch_hole(&lease, offset, length) {
+                if matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
+                    state.fenced = true;
+                }
+                return reply.error(data_err(e));
+            }
+        }
+        // Plain allocation reserves no space (chunks are sparse); it only extends the size.
+        let end = offset.saturating_add(length);
+        if !keep_size && end > state.size {
+            state.size = end;
+            state.size_dirty = true;
+            if let Err(e) = self.commit_size(&mut state) {
+                return reply.error(e);
+            }
+        }
+        reply.ok()
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, position: u32, reply: ReplyEmpty) {
+        if position != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let mode = match flags {
+            0 => XattrMode::CreateOrReplace,
+            libc::XATTR_CREATE => XattrMode::CreateOnly,
+            libc::XATTR_REPLACE => XattrMode::ReplaceOnly,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match name_str(name).and_then(|name| self.data.namespace().set_xattr(ino.0, name, value, mode).map_err(ns_err)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match name_str(name).and_then(|name| self.data.namespace().get_xattr(ino.0, name).map_err(ns_err)) {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(value) => reply.data(&value),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.data.namespace().list_xattrs(ino.0) {
+            Ok(names) => {
+                let mut list = Vec::new();
+                for name in names {
+                    list.extend_from_slice(name.as_bytes());
+                    list.push(0);
+                }
+                if size == 0 {
+                    reply.size(list.len() as u32)
+                } else if list.len() > size as usize {
+                    reply.error(Errno::ERANGE)
+                } else {
+                    reply.data(&list)
+                }
+            }
+            Err(e) => reply.error(ns_err(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_str(name).and_then(|name| self.data.namespace().remove_xattr(ino.0, name).map_err(ns_err)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.data.namespace().inode(ino.0) {
+            Ok(inode) if inode.kind == InodeKind::Directory => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(ns_err(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.data.namespace().read_dir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(ns_err(e)),
+        };
+        let mut all: Vec<(u64, FileType, String)> = vec![(ino.0, FileType::Directory, ".".into()), (ino.0, FileType::Directory, "..".into())];
+        for (name, entry) in entries {
+            let kind = match entry.kind {
+                InodeKind::Directory => FileType::Directory,
+                InodeKind::File => FileType::RegularFile,
+                InodeKind::Symlink => FileType::Symlink,
+            };
+            all.push((entry.ino, kind, name));
+        }
+        for (i, (entry_ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(entry_ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (free, total) = self.statfs_totals();
+        let block = 4096u64;
+        reply.statfs(total / block, free / block, free / block, 1 << 32, 1 << 31, block as u32, crate::namespace::NAME_MAX as u32, block as u32);
+    }
+}
+
+/// Mounts the filesystem at `mountpoint` and serves it until unmounted (or SIGTERM/SIGINT,
+/// which unmount it).
+pub fn mount(fs: SharedFs, mountpoint: &Path, threads: usize) -> std::io::Result<()> {
+    use fuser::{Config, MountOption, SessionACL};
+    let mut config = Config::default();
+    config.mount_options = vec![MountOption::FSName("fs-agent".into()), MountOption::Subtype("fs-agent".into()), MountOption::DefaultPermissions];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    spawn_unmount_on_signal(mountpoint);
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    session.run()
+}
+
+/// Linux's PR_SET_IO_FLUSHER (not in the libc crate for Linux yet).
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Marks this thread, and the threads it starts later, as part of the block I/O path (a loop
+/// device over the mount writes back through us): the kernel then neither throttles us nor
+/// makes our allocations wait for writeback, which would deadlock under memory pressure.
+pub fn become_io_flusher() {
+    // SAFETY: prctl(PR_SET_IO_FLUSHER, 1) takes integer arguments only and touches no memory.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    if rc != 0 {
+        tracing::warn!("PR_SET_IO_FLUSHER failed: {}; a loop device on this mount may deadlock under memory pressure", std::io::Error::last_os_error());
+    }
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts later: call it
+/// first thing in `main`, so only [`mount`]'s waiter thread receives them and unmounts.
+pub fn block_termination_signals() {
+    if let Err(e) = termination_signals().thread_block() {
+        tracing::warn!("cannot block termination signals: {e}");
+    }
+}
+
+fn spawn_unmount_on_signal(mountpoint: &Path) {
+    let signals = termination_signals();
+    let mountpoint = mountpoint.to_path_buf();
+    std::thread::spawn(move || {
+        if signals.wait().is_ok() {
+            tracing::info!(mountpoint = %mountpoint.display(), "signal received: unmounting");
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            std::process::exit(0);
+        }
+    });
+}

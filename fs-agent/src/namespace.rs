@@ -1,0 +1,1099 @@
+//! The filesystem metadata on a [`MetadataStore`]: inodes, directory entries, the chunk map
+//! and per-file write leases with epochs. Every change is one atomic commit conditioned on the
+//! revisions it read, retried on conflict, so concurrent mounts never lose each other's updates.
+//!
+//! Keys (all under `/fs/`, see docs/cluster-store.md):
+//! - `/fs/inodes/<ino>`: [`Inode`] (JSON)
+//! - `/fs/dirents/<parent ino>/<name>`: [`DirEntry`] (JSON)
+//! - `/fs/chunks/<ino>/<chunk index>`: [`ChunkInfo`] (JSON)
+//! - `/fs/leases/<ino>`: [`WriteLease`] (JSON)
+//! - `/fs/next_ino`: the next inode number (decimal)
+//! - `/fs/servers/<addr>`: a registered chunk server
+//!
+//! Numbers in keys are 16 hex digits so keys sort numerically.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::metadata_store::{Condition, MetadataError, MetadataStore, Mutation, Versioned};
+
+pub const ROOT_INO: u64 = 1;
+/// Longest name of a directory entry, in bytes (as Linux's NAME_MAX).
+pub const NAME_MAX: usize = 255;
+const MAX_RETRIES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("{what} does not exist")]
+    NotFound { what: String },
+    #[error("{name:?} already exists in directory {parent}")]
+    Exists { parent: u64, name: String },
+    #[error("directory {what} is not empty")]
+    NotEmpty { what: String },
+    #[error("{what} is a directory")]
+    IsDirectory { what: String },
+    #[error("{what} is not a directory")]
+    NotDirectory { what: String },
+    #[error("name {name:?} is {len} bytes long; the limit is {NAME_MAX}")]
+    NameTooLong { name: String, len: usize },
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("file {ino} is being written by {holder} (lease epoch {epoch}); take the lease over only if that writer is dead")]
+    LeaseBusy { ino: u64, holder: String, epoch: u64 },
+    #[error("file {ino}: this writer's lease (epoch {epoch}) was taken over by another writer; its writes are refused")]
+    Fenced { ino: u64, epoch: u64 },
+    #[error("inode {ino} has no extended attribute {name:?}")]
+    NoAttribute { ino: u64, name: String },
+    #[error("extended attribute {name:?} is not supported here (system.* attributes such as ACLs are not stored)")]
+    AttributeNotSupported { name: String },
+    #[error("file {ino}: the range is locked by process {pid} on node {node}")]
+    LockConflict { ino: u64, node: String, pid: u32 },
+    #[error("too many concurrent changes to {what}; retry")]
+    Contended { what: String },
+    #[error(transparent)]
+    Store(#[from] MetadataError),
+}
+
+impl NamespaceError {
+    /// The errno a POSIX caller sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            NamespaceError::NotFound { .. } => libc::ENOENT,
+            NamespaceError::Exists { .. } => libc::EEXIST,
+            NamespaceError::NotEmpty { .. } => libc::ENOTEMPTY,
+            NamespaceError::IsDirectory { .. } => libc::EISDIR,
+            NamespaceError::NotDirectory { .. } => libc::ENOTDIR,
+            NamespaceError::NameTooLong { .. } => libc::ENAMETOOLONG,
+            NamespaceError::InvalidName { .. } | NamespaceError::Invalid(_) => libc::EINVAL,
+            NamespaceError::LeaseBusy { .. } => libc::EBUSY,
+            NamespaceError::Fenced { .. } => libc::EIO,
+            NamespaceError::Contended { .. } | NamespaceError::LockConflict { .. } => libc::EAGAIN,
+            NamespaceError::NoAttribute { .. } => libc::ENODATA,
+            NamespaceError::AttributeNotSupported { .. } => libc::EOPNOTSUPP,
+            NamespaceError::Store(_) => libc::EIO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InodeKind {
+    Directory,
+    File,
+    Symlink,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp::from(SystemTime::now())
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Timestamp {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                Timestamp { secs: -(d.as_secs() as i64), nanos: 0 }
+            }
+        }
+    }
+}
+
+impl From<Timestamp> for SystemTime {
+    fn from(t: Timestamp) -> SystemTime {
+        if t.secs >= 0 {
+            UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: InodeKind,
+    /// Permission bits (0o7777), without the file type.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub nlink: u32,
+    pub symlink_target: Option<String>,
+    /// Copies of each chunk to keep.
+    pub replicas: u32,
+    /// The directory holding it (for a directory: its only parent; for a file: the one it
+    /// was created in). 0 when unknown.
+    #[serde(default)]
+    pub parent: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: InodeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub server: String,
+    /// The chunk version this replica is known to hold; below the chunk's version = stale.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    pub chunk_id: u64,
+    pub version: u64,
+    pub replicas: Vec<Replica>,
+}
+
+impl ChunkInfo {
+    /// Servers holding the current version: the only ones read or written.
+    pub fn current_servers(&self) -> Vec<String> {
+        self.replicas.iter().filter(|r| r.version == self.version).map(|r| r.server.clone()).collect()
+    }
+
+    /// The chunk after a write that reached only `succeeded`: the version moves on and every
+    /// other replica keeps its old version, so it is stale and never read again.
+    pub fn after_partial_write(&self, succeeded: &[String]) -> ChunkInfo {
+        let version = self.version + 1;
+        let replicas = self
+            .replicas
+            .iter()
+            .map(|r| Replica {
+                server: r.server.clone(),
+                version: if r.version == self.version && succeeded.contains(&r.server) { version } else { r.version },
+            })
+            .collect();
+        ChunkInfo { chunk_id: self.chunk_id, version, replicas }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteLease {
+    /// The writer holding the lease; `None` once released (the epoch stays).
+    pub holder: Option<String>,
+    pub epoch: u64,
+}
+
+/// A write lease this writer holds: `revision` guards every metadata change it makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLease {
+    pub ino: u64,
+    pub epoch: u64,
+    pub revision: u64,
+}
+
+/// Attribute changes of a setattr (size is handled by the data path: it needs the lease).
+#[derive(Debug, Clone, Default)]
+pub struct AttrChanges {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+}
+
+pub fn inode_key(ino: u64) -> String {
+    format!("/fs/inodes/{ino:016x}")
+}
+pub fn dirent_prefix(parent: u64) -> String {
+    format!("/fs/dirents/{parent:016x}/")
+}
+pub fn dirent_key(parent: u64, name: &str) -> String {
+    format!("/fs/dirents/{parent:016x}/{name}")
+}
+pub fn chunk_prefix(ino: u64) -> String {
+    format!("/fs/chunks/{ino:016x}/")
+}
+pub fn chunk_key(ino: u64, index: u64) -> String {
+    format!("/fs/chunks/{ino:016x}/{index:016x}")
+}
+pub fn xattr_prefix(ino: u64) -> String {
+    format!("/fs/xattrs/{ino:016x}/")
+}
+pub fn xattr_key(ino: u64, name: &str) -> String {
+    format!("/fs/xattrs/{ino:016x}/{name}")
+}
+/// Largest extended attribute value, as Linux's XATTR_SIZE_MAX.
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+
+/// How setxattr treats an existing attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrMode {
+    CreateOrReplace,
+    /// XATTR_CREATE: fail with EEXIST if it exists.
+    CreateOnly,
+    /// XATTR_REPLACE: fail with ENODATA if it does not.
+    ReplaceOnly,
+}
+
+pub fn locks_key(ino: u64) -> String {
+    format!("/fs/locks/{ino:016x}")
+}
+pub const LOCKS_PREFIX: &str = "/fs/locks/";
+
+pub fn lease_key(ino: u64) -> String {
+    format!("/fs/leases/{ino:016x}")
+}
+pub const NEXT_INO_KEY: &str = "/fs/next_ino";
+pub const CONFIG_KEY: &str = "/fs/config";
+
+/// Settings fixed when the filesystem is created, shared by every mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    pub chunk_size: u64,
+}
+pub const SERVERS_PREFIX: &str = "/fs/servers/";
+
+/// Checks a directory entry name: bad input gets a clear error before anything changes.
+pub fn validate_name(name: &str) -> Result<(), NamespaceError> {
+    if name.len() > NAME_MAX {
+        return Err(NamespaceError::NameTooLong { name: name.chars().take(32).collect::<String>() + "...", len: name.len() });
+    }
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name == "." || name == ".." {
+        "reserved"
+    } else if name.contains('/') {
+        "contains '/'"
+    } else if name.contains('\0') {
+        "contains a NUL byte"
+    } else {
+        return Ok(());
+    };
+    Err(NamespaceError::InvalidName { name: name.to_string(), reason })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("metadata records serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, NamespaceError> {
+    serde_json::from_slice(bytes).map_err(|e| MetadataError::Malformed { key: key.to_string(), reason: e.to_string() }.into())
+}
+
+fn put<T: Serialize>(key: String, value: &T) -> Mutation {
+    Mutation::Put { key, value: encode(value) }
+}
+
+fn cond(key: String, revision: u64) -> Condition {
+    Condition { key, revision }
+}
+
+/// Runs `attempt` until it commits (`Some`), up to [`MAX_RETRIES`] conflicts.
+fn retry<T>(what: &str, mut attempt: impl FnMut() -> Result<Option<T>, NamespaceError>) -> Result<T, NamespaceError> {
+    for _ in 0..MAX_RETRIES {
+        if let Some(done) = attempt()? {
+            return Ok(done);
+        }
+    }
+    Err(NamespaceError::Contended { what: what.to_string() })
+}
+
+/// What removing a name left to clean up on the chunk servers.
+#[derive(Debug, Default)]
+pub struct Removed {
+    /// Chunks of an inode whose last link went away.
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// Resolves an absolute path (from the filesystem root) to its inode, without following symlinks.
+pub fn resolve_path(ns: &Namespace, path: &str) -> Result<Inode, NamespaceError> {
+    let mut inode = ns.inode(ROOT_INO)?;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        inode = ns.lookup(inode.ino, part)?;
+    }
+    Ok(inode)
+}
+
+pub struct Namespace {
+    store: Arc<dyn MetadataStore>,
+}
+
+impl Namespace {
+    pub fn new(store: Arc<dyn MetadataStore>) -> Namespace {
+        Namespace { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetadataStore> {
+        &self.store
+    }
+
+    /// Creates the root directory if this is a new filesystem; returns the filesystem's
+    /// settings (those of its creation if it existed).
+    pub fn init(&self, default_replicas: u32, config: FsConfig) -> Result<FsConfig, NamespaceError> {
+        if config.chunk_size == 0 || config.chunk_size % crate::chunk_store::BLOCK_SIZE != 0 {
+            return Err(NamespaceError::Invalid(format!("chunk size {} must be a positive multiple of {}", config.chunk_size, crate::chunk_store::BLOCK_SIZE)));
+        }
+        let now = Timestamp::now();
+        let root = Inode {
+            ino: ROOT_INO,
+            kind: InodeKind::Directory,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            nlink: 2,
+            symlink_target: None,
+            replicas: default_replicas,
+            parent: ROOT_INO,
+        };
+        self.store.commit(
+            &[cond(inode_key(ROOT_INO), 0), cond(NEXT_INO_KEY.to_string(), 0)],
+            &[put(inode_key(ROOT_INO), &root), Mutation::Put { key: NEXT_INO_KEY.to_string(), value: b"2".to_vec() }, put(CONFIG_KEY.to_string(), &config)],
+        )?;
+        match self.read::<FsConfig>(CONFIG_KEY)? {
+            Some((config, _)) => Ok(config),
+            None => Err(NamespaceError::NotFound { what: format!("{CONFIG_KEY} (the filesystem metadata is incomplete)") }),
+        }
+    }
+
+    fn read<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<(T, u64)>, NamespaceError> {
+        match self.store.get(key)? {
+            Some(Versioned { value, revision }) => Ok(Some((decode(key, &value)?, revision))),
+            None => Ok(None),
+        }
+    }
+
+    pub fn inode_with_revision(&self, ino: u64) -> Result<(Inode, u64), NamespaceError> {
+        self.read(&inode_key(ino))?.ok_or_else(|| NamespaceError::NotFound { what: format!("inode {ino}") })
+    }
+
+    pub fn inode(&self, ino: u64) -> Result<Inode, NamespaceError> {
+        Ok(self.inode_with_revision(ino)?.0)
+    }
+
+    fn directory(&self, ino: u64) -> Result<(Inode, u64), NamespaceError> {
+        let (inode, rev) = self.inode_with_revision(ino)?;
+        if inode.kind != InodeKind::Directory {
+            return Err(NamespaceError::NotDirectory { what: format!("inode {ino}") });
+        }
+        Ok((inode, rev))
+    }
+
+    fn entry(&self, parent: u64, name: &str) -> Result<Option<(DirEntry, u64)>, NamespaceError> {
+        self.read(&dirent_key(parent, name))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Inode, NamespaceError> {
+        validate_name(name)?;
+        self.directory(parent)?;
+        let (entry, _) = self.entry(parent, name)?.ok_or_else(|| NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") })?;
+        self.inode(entry.ino)
+    }
+
+    pub fn read_dir(&self, ino: u64) -> Result<Vec<(String, DirEntry)>, NamespaceError> {
+        self.directory(ino)?;
+        let prefix = dirent_prefix(ino);
+        self.store
+            .list_prefix(&prefix)?
+            .into_iter()
+            .map(|(key, v)| Ok((key[prefix.len()..].to_string(), decode(&key, &v.value)?)))
+            .collect()
+    }
+
+    /// Creates a file, directory or symlink `name` in `parent`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(&self, parent: u64, name: &str, kind: InodeKind, mode: u32, uid: u32, gid: u32, symlink_target: Option<String>) -> Result<Inode, NamespaceError> {
+        validate_name(name)?;
+        if kind == InodeKind::Symlink && symlink_target.as_deref().is_none_or(|t| t.is_empty() || t.len() > 4095) {
+            return Err(NamespaceError::Invalid("a symlink target must be 1 to 4095 bytes".into()));
+        }
+        retry(name, || {
+            let (mut dir, dir_rev) = self.directory(parent)?;
+            if self.entry(parent, name)?.is_some() {
+                return Err(NamespaceError::Exists { parent, name: name.to_string() });
+            }
+            let next = self.store.get(NEXT_INO_KEY)?.ok_or_else(|| NamespaceError::NotFound { what: "the filesystem (run mount once to create it)".into() })?;
+            let ino: u64 = String::from_utf8_lossy(&next.value).parse().map_err(|_| MetadataError::Malformed { key: NEXT_INO_KEY.into(), reason: "not a number".into() })?;
+            let now = Timestamp::now();
+            let inode = Inode {
+                ino,
+                kind,
+                mode: mode & 0o7777,
+                uid,
+                gid,
+                size: symlink_target.as_ref().map(|t| t.len() as u64).unwrap_or(0),
+                atime: now,
+                mtime: now,
+                ctime: now,
+                nlink: if kind == InodeKind::Directory { 2 } else { 1 },
+                symlink_target: symlink_target.clone(),
+                replicas: dir.replicas,
+                parent,
+            };
+            dir.mtime = now;
+            dir.ctime = now;
+            if kind == InodeKind::Directory {
+                dir.nlink += 1;
+            }
+            let committed = self.store.commit(
+                &[cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0), cond(NEXT_INO_KEY.into(), next.revision)],
+                &[
+                    Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
+                    put(inode_key(ino), &inode),
+                    put(dirent_key(parent, name), &DirEntry { ino, kind }),
+                    put(inode_key(parent), &dir),
+                ],
+            )?;
+            Ok(committed.then_some(inode.clone()))
+        })
+    }
+
+    /// Adds a hard link `newparent/newname` to file `ino`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &str) -> Result<Inode, NamespaceError> {
+        validate_name(newname)?;
+        retry(newname, || {
+            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            if inode.kind == InodeKind::Directory {
+                return Err(NamespaceError::Invalid(format!("inode {ino} is a directory; directories cannot be hard-linked")));
+            }
+            let (mut dir, dir_rev) = self.directory(newparent)?;
+            if self.entry(newparent, newname)?.is_some() {
+                return Err(NamespaceError::Exists { parent: newparent, name: newname.to_string() });
+            }
+            let now = Timestamp::now();
+            inode.nlink += 1;
+            inode.ctime = now;
+            dir.mtime = now;
+            dir.ctime = now;
+            let committed = self.store.commit(
+                &[cond(inode_key(ino), rev), cond(inode_key(newparent), dir_rev), cond(dirent_key(newparent, newname), 0)],
+                &[put(inode_key(ino), &inode), put(inode_key(newparent), &dir), put(dirent_key(newparent, newname), &DirEntry { ino, kind: inode.kind })],
+            )?;
+            Ok(committed.then_some(inode.clone()))
+        })
+    }
+
+    /// The mutations that drop one link of `inode` (deleting it and its chunks at zero).
+    /// `keep_open(ino)`: the caller still has the file open, so its last link going away
+    /// leaves an orphan (nlink 0, data kept) for [`Namespace::remove_orphan`] at last close.
+    fn unlink_mutations(&self, inode: &Inode, now: Timestamp, removed: &mut Removed, keep_open: &dyn Fn(u64) -> bool) -> Result<Vec<Mutation>, NamespaceError> {
+        let last_link = inode.kind == InodeKind::Directory || inode.nlink <= 1;
+        if last_link && inode.kind == InodeKind::File && keep_open(inode.ino) {
+            let mut orphan = inode.clone();
+            orphan.nlink = 0;
+            orphan.ctime = now;
+            return Ok(vec![put(inode_key(inode.ino), &orphan)]);
+        }
+        if !last_link {
+            let mut inode = inode.clone();
+            inode.nlink -= 1;
+            inode.ctime = now;
+            return Ok(vec![put(inode_key(inode.ino), &inode)]);
+        }
+        let mut mutations = vec![
+            Mutation::Delete { key: inode_key(inode.ino) },
+            Mutation::Delete { key: lease_key(inode.ino) },
+            Mutation::Delete { key: locks_key(inode.ino) },
+        ];
+        for (key, _) in self.store.list_prefix(&xattr_prefix(inode.ino))? {
+            mutations.push(Mutation::Delete { key });
+        }
+        for (key, chunk) in self.store.list_prefix(&chunk_prefix(inode.ino))? {
+            removed.chunks.push(decode(&key, &chunk.value)?);
+            mutations.push(Mutation::Delete { key });
+        }
+        Ok(mutations)
+    }
+
+    /// Removes the non-directory `name` from `parent`.
+    pub fn unlink(&self, parent: u64, name: &str) -> Result<Removed, NamespaceError> {
+        self.remove(parent, name, false, &|_| false)
+    }
+
+    /// [`Namespace::unlink`], keeping the data of a file `keep_open` says is still open.
+    pub fn unlink_keeping(&self, parent: u64, name: &str, keep_open: &dyn Fn(u64) -> bool) -> Result<Removed, NamespaceError> {
+        self.remove(parent, name, false, keep_open)
+    }
+
+    /// Deletes an orphan (a file unlinked while open) once its last descriptor is closed.
+    pub fn remove_orphan(&self, ino: u64) -> Result<Removed, NamespaceError> {
+        retry(&format!("inode {ino}"), || {
+            let (inode, rev) = match self.inode_with_revision(ino) {
+                Ok(found) => found,
+                Err(NamespaceError::NotFound { .. }) => return Ok(Some(Removed::default())),
+                Err(e) => return Err(e),
+            };
+            if inode.nlink > 0 {
+                return Ok(Some(Removed::default())); // linked again meanwhile (or never orphaned)
+            }
+            let mut removed = Removed::default();
+            let mutations = self.unlink_mutations(&inode, Timestamp::now(), &mut removed, &|_| false)?;
+            Ok(self.store.commit(&[cond(inode_key(ino), rev)], &mutations)?.then_some(removed))
+        })
+    }
+
+    /// Removes the empty directory `name` from `parent`.
+    pub fn rmdir(&self, parent: u64, name: &str) -> Result<Removed, NamespaceError> {
+        self.remove(parent, name, true, &|_| false)
+    }
+
+    fn remove(&self, parent: u64, name: &str, directory: bool, keep_open: &dyn Fn(u64) -> bool) -> Result<Removed, NamespaceError> {
+        validate_name(name)?;
+        retry(name, || {
+            let (mut dir, dir_rev) = self.directory(parent)?;
+            let (entry, entry_rev) = self.entry(parent, name)?.ok_or_else(|| NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") })?;
+            let (inode, inode_rev) = self.inode_with_revision(entry.ino)?;
+            let is_dir = inode.kind == InodeKind::Directory;
+            if directory && !is_dir {
+                return Err(NamespaceError::NotDirectory { what: name.to_string() });
+            }
+            if !directory && is_dir {
+                return Err(NamespaceError::IsDirectory { what: name.to_string() });
+            }
+            let conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), entry_rev), cond(inode_key(inode.ino), inode_rev)];
+            if is_dir {
+                let children = self.store.list_prefix(&dirent_prefix(inode.ino))?;
+                if !children.is_empty() {
+                    return Err(NamespaceError::NotEmpty { what: name.to_string() });
+                }
+                // No child can appear unseen: creating one changes the directory's revision,
+                // which the commit is conditioned on.
+                dir.nlink -= 1;
+            }
+            let now = Timestamp::now();
+            dir.mtime = now;
+            dir.ctime = now;
+            let mut removed = Removed::default();
+            let mut mutations = self.unlink_mutations(&inode, now, &mut removed, keep_open)?;
+            mutations.push(Mutation::Delete { key: dirent_key(parent, name) });
+            mutations.push(put(inode_key(parent), &dir));
+            Ok(self.store.commit(&conditions, &mutations)?.then_some(removed))
+        })
+    }
+
+    /// Renames `parent/name` to `newparent/newname`, replacing a compatible target.
+    pub fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, no_replace: bool) -> Result<Removed, NamespaceError> {
+        self.rename_keeping(parent, name, newparent, newname, no_replace, &|_| false)
+    }
+
+    /// [`Namespace::rename`], keeping the data of a replaced file `keep_open` says is open.
+    pub fn rename_keeping(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        no_replace: bool,
+        keep_open: &dyn Fn(u64) -> bool,
+    ) -> Result<Removed, NamespaceError> {
+        validate_name(name)?;
+        validate_name(newname)?;
+        retry(name, || {
+            let (mut src_dir, src_dir_rev) = self.directory(parent)?;
+            let (entry, entry_rev) = self.entry(parent, name)?.ok_or_else(|| NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") })?;
+            let (mut dst_dir, dst_dir_rev) = if newparent == parent { (src_dir.clone(), src_dir_rev) } else { self.directory(newparent)? };
+            let moving_dir = entry.kind == InodeKind::Directory;
+            if moving_dir && self.is_ancestor(entry.ino, newparent)? {
+                return Err(NamespaceError::Invalid(format!("cannot move directory {name:?} into itself")));
+            }
+            let target = self.entry(newparent, newname)?;
+            let mut conditions = vec![
+                cond(inode_key(parent), src_dir_rev),
+                cond(inode_key(newparent), dst_dir_rev),
+                cond(dirent_key(parent, name), entry_rev),
+                cond(dirent_key(newparent, newname), target.map(|(_, r)| r).unwrap_or(0)),
+            ];
+            let now = Timestamp::now();
+            let mut mutations = Vec::new();
+            let mut removed = Removed::default();
+            if let Some((target_entry, _)) = target {
+                if target_entry.ino == entry.ino {
+                    return Ok(Some(removed)); // same inode: POSIX says do nothing
+                }
+                if no_replace {
+                    return Err(NamespaceError::Exists { parent: newparent, name: newname.to_string() });
+                }
+                let (target_inode, target_rev) = self.inode_with_revision(target_entry.ino)?;
+                let target_is_dir = target_inode.kind == InodeKind::Directory;
+                if moving_dir && !target_is_dir {
+                    return Err(NamespaceError::NotDirectory { what: newname.to_string() });
+                }
+                if !moving_dir && target_is_dir {
+                    return Err(NamespaceError::IsDirectory { what: newname.to_string() });
+                }
+                if target_is_dir {
+                    if !self.store.list_prefix(&dirent_prefix(target_inode.ino))?.is_empty() {
+                        return Err(NamespaceError::NotEmpty { what: newname.to_string() });
+                    }
+                    dst_dir.nlink -= 1;
+                }
+                conditions.push(cond(inode_key(target_inode.ino), target_rev));
+                mutations.extend(self.unlink_mutations(&target_inode, now, &mut removed, keep_open)?);
+            }
+            if moving_dir && parent != newparent {
+                src_dir.nlink -= 1;
+                dst_dir.nlink += 1;
+                let (mut moved, moved_rev) = self.inode_with_revision(entry.ino)?;
+                moved.parent = newparent;
+                moved.ctime = now;
+                conditions.push(cond(inode_key(entry.ino), moved_rev));
+                mutations.push(put(inode_key(entry.ino), &moved));
+            }
+            src_dir.mtime = now;
+            src_dir.ctime = now;
+            dst_dir.mtime = now;
+            dst_dir.ctime = now;
+            if parent == newparent {
+                mutations.push(put(inode_key(parent), &dst_dir));
+            } else {
+                mutations.push(put(inode_key(parent), &src_dir));
+                mutations.push(put(inode_key(newparent), &dst_dir));
+            }
+            mutations.push(Mutation::Delete { key: dirent_key(parent, name) });
+            mutations.push(put(dirent_key(newparent, newname), &entry));
+            Ok(self.store.commit(&conditions, &mutations)?.then_some(removed))
+        })
+    }
+
+    /// Whether directory `ancestor` is `ino` or one of its ancestors (walks `..` upwards).
+    fn is_ancestor(&self, ancestor: u64, mut ino: u64) -> Result<bool, NamespaceError> {
+        for _ in 0..4096 {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            match self.parent_of(ino)? {
+                Some(p) => ino = p,
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    fn parent_of(&self, dir_ino: u64) -> Result<Option<u64>, NamespaceError> {
+        let inode = self.inode(dir_ino)?;
+        if inode.parent != 0 {
+            return Ok(Some(inode.parent));
+        }
+        // Records written before parents were kept: scan the directory entries.
+        for (key, v) in self.store.list_prefix("/fs/dirents/")? {
+            let entry: DirEntry = decode(&key, &v.value)?;
+            if entry.ino == dir_ino {
+                let parent_hex = key["/fs/dirents/".len()..].split('/').next().unwrap_or("");
+                return Ok(u64::from_str_radix(parent_hex, 16).ok());
+            }
+        }
+        Ok(None)
+    }
+
+    /// chmod, chown, utimes.
+    pub fn set_attributes(&self, ino: u64, changes: &AttrChanges) -> Result<Inode, NamespaceError> {
+        retry(&format!("inode {ino}"), || {
+            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            if let Some(mode) = changes.mode {
+                inode.mode = mode & 0o7777;
+            }
+            if let Some(uid) = changes.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = changes.gid {
+                inode.gid = gid;
+            }
+            if let Some(t) = changes.atime {
+                inode.atime = t;
+            }
+            if let Some(t) = changes.mtime {
+                inode.mtime = t;
+            }
+            inode.ctime = Timestamp::now();
+            Ok(self.store.commit(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])?.then_some(inode.clone()))
+        })
+    }
+
+    /// Sets how many copies `ino` keeps; new files and directories inside a directory
+    /// inherit it. Existing chunks get more copies at the next heal.
+    pub fn set_copies(&self, ino: u64, copies: u32) -> Result<Inode, NamespaceError> {
+        if !(1..=16).contains(&copies) {
+            return Err(NamespaceError::Invalid(format!("copies must be between 1 and 16, not {copies}")));
+        }
+        retry(&format!("inode {ino}"), || {
+            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            inode.replicas = copies;
+            inode.ctime = Timestamp::now();
+            Ok(self.store.commit(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])?.then_some(inode.clone()))
+        })
+    }
+
+    /// Sets a file's size and mtime, only while `lease` is still this writer's.
+    pub fn set_size(&self, lease: &HeldLease, size: u64, mtime: Option<Timestamp>) -> Result<Inode, NamespaceError> {
+        let ino = lease.ino;
+        retry(&format!("inode {ino}"), || {
+            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            inode.size = size;
+            let now = Timestamp::now();
+            inode.mtime = mtime.unwrap_or(now);
+            inode.ctime = now;
+            let committed = self.store.commit(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &[put(inode_key(ino), &inode)])?;
+            if !committed {
+                self.check_lease(lease)?;
+            }
+            Ok(committed.then_some(inode.clone()))
+        })
+    }
+
+    /// Errors with `Fenced` if `lease` is no longer this writer's.
+    pub fn check_lease(&self, lease: &HeldLease) -> Result<(), NamespaceError> {
+        match self.store.get(&lease_key(lease.ino))? {
+            Some(v) if v.revision == lease.revision => Ok(()),
+            _ => Err(NamespaceError::Fenced { ino: lease.ino, epoch: lease.epoch }),
+        }
+    }
+
+    /// Takes the exclusive write lease of file `ino` for `holder`. A lease held by another
+    /// writer is refused unless `take_over`, which bumps the epoch so the old writer is fenced.
+    pub fn acquire_lease(&self, ino: u64, holder: &str, take_over: bool) -> Result<HeldLease, NamespaceError> {
+        retry(&format!("lease of inode {ino}"), || {
+            let inode = self.inode(ino)?;
+            if inode.kind != InodeKind::File {
+                return Err(NamespaceError::IsDirectory { what: format!("inode {ino}") });
+            }
+            let current: Option<(WriteLease, u64)> = self.read(&lease_key(ino))?;
+            let (lease, rev) = current.unwrap_or((WriteLease { holder: None, epoch: 0 }, 0));
+            match &lease.holder {
+                Some(h) if h == holder => return Ok(Some(HeldLease { ino, epoch: lease.epoch, revision: rev })),
+                Some(h) if !take_over => return Err(NamespaceError::LeaseBusy { ino, holder: h.clone(), epoch: lease.epoch }),
+                _ => {}
+            }
+            let new = WriteLease { holder: Some(holder.to_string()), epoch: lease.epoch + 1 };
+            if !self.store.commit(&[cond(lease_key(ino), rev), cond(inode_key(ino), self.inode_with_revision(ino)?.1)], &[put(lease_key(ino), &new)])? {
+                return Ok(None);
+            }
+            match self.read::<WriteLease>(&lease_key(ino))? {
+                Some((now, now_rev)) if now == new => Ok(Some(HeldLease { ino, epoch: new.epoch, revision: now_rev })),
+                _ => Err(NamespaceError::Fenced { ino, epoch: new.epoch }),
+            }
+        })
+    }
+
+    /// Gives the lease up (keeping its epoch), if it is still ours.
+    pub fn release_lease(&self, lease: &HeldLease) -> Result<(), NamespaceError> {
+        let released = WriteLease { holder: None, epoch: lease.epoch };
+        self.store.commit(&[cond(lease_key(lease.ino), lease.revision)], &[put(lease_key(lease.ino), &released)])?;
+        Ok(())
+    }
+
+    pub fn chunk(&self, ino: u64, index: u64) -> Result<Option<(ChunkInfo, u64)>, NamespaceError> {
+        self.read(&chunk_key(ino, index))
+    }
+
+    pub fn chunks(&self, ino: u64) -> Result<Vec<(u64, ChunkInfo, u64)>, NamespaceError> {
+        let prefix = chunk_prefix(ino);
+        self.store
+            .list_prefix(&prefix)?
+            .into_iter()
+            .map(|(key, v)| {
+                let index = u64::from_str_radix(&key[prefix.len()..], 16).map_err(|_| MetadataError::Malformed { key: key.clone(), reason: "bad chunk index".into() })?;
+                Ok((index, decode(&key, &v.value)?, v.revision))
+            })
+            .collect()
+    }
+
+    /// Records `chunk` as chunk `index` of the leased file if its record is still at
+    /// `expected_revision` (0: absent). Returns the new record revision, or `None` on a conflict.
+    pub fn put_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, NamespaceError> {
+        let key = chunk_key(lease.ino, index);
+        let committed = self.store.commit(&[cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)], &[put(key.clone(), chunk)])?;
+        if !committed {
+            self.check_lease(lease)?;
+            return Ok(None);
+        }
+        Ok(self.store.get(&key)?.map(|v| v.revision))
+    }
+
+    /// Drops the chunk records of the leased file from index `from` on (truncate).
+    pub fn delete_chunks_from(&self, lease: &HeldLease, from: u64) -> Result<Vec<ChunkInfo>, NamespaceError> {
+        let doomed: Vec<(u64, ChunkInfo, u64)> = self.chunks(lease.ino)?.into_iter().filter(|(i, _, _)| *i >= from).collect();
+        if doomed.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut conditions = vec![cond(lease_key(lease.ino), lease.revision)];
+        conditions.extend(doomed.iter().map(|(i, _, rev)| cond(chunk_key(lease.ino, *i), *rev)));
+        let mutations: Vec<Mutation> = doomed.iter().map(|(i, _, _)| Mutation::Delete { key: chunk_key(lease.ino, *i) }).collect();
+        if !self.store.commit(&conditions, &mutations)? {
+            self.check_lease(lease)?;
+            return Err(NamespaceError::Contended { what: format!("chunks of inode {}", lease.ino) });
+        }
+        Ok(doomed.into_iter().map(|(_, c, _)| c).collect())
+    }
+
+    fn check_xattr_name(name: &str) -> Result<(), NamespaceError> {
+        if name.is_empty() || name.len() > NAME_MAX || name.contains('\0') {
+            return Err(NamespaceError::Invalid(format!("extended attribute name {name:?} must be 1 to {NAME_MAX} bytes without NUL")));
+        }
+        if name.starts_with("system.") {
+            return Err(NamespaceError::AttributeNotSupported { name: name.to_string() });
+        }
+        Ok(())
+    }
+
+    pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8], mode: XattrMode) -> Result<(), NamespaceError> {
+        Self::check_xattr_name(name)?;
+        if value.len() > XATTR_VALUE_MAX {
+            return Err(NamespaceError::Invalid(format!("extended attribute value of {} bytes exceeds {XATTR_VALUE_MAX}", value.len())));
+        }
+        retry(name, || {
+            let (mut inode, inode_rev) = self.inode_with_revision(ino)?;
+            let key = xattr_key(ino, name);
+            let existing = self.store.get(&key)?;
+            match (mode, &existing) {
+                (XattrMode::CreateOnly, Some(_)) => return Err(NamespaceError::Exists { parent: ino, name: name.to_string() }),
+                (XattrMode::ReplaceOnly, None) => return Err(NamespaceError::NoAttribute { ino, name: name.to_string() }),
+                _ => {}
+            }
+            inode.ctime = Timestamp::now();
+            let committed = self.store.commit(
+                &[cond(inode_key(ino), inode_rev), cond(key.clone(), existing.map(|v| v.revision).unwrap_or(0))],
+                &[Mutation::Put { key, value: value.to_vec() }, put(inode_key(ino), &inode)],
+            )?;
+            Ok(committed.then_some(()))
+        })
+    }
+
+    pub fn get_xattr(&self, ino: u64, name: &str) -> Result<Vec<u8>, NamespaceError> {
+        Self::check_xattr_name(name)?;
+        self.inode(ino)?;
+        match self.store.get(&xattr_key(ino, name))? {
+            Some(v) => Ok(v.value),
+            None => Err(NamespaceError::NoAttribute { ino, name: name.to_string() }),
+        }
+    }
+
+    pub fn list_xattrs(&self, ino: u64) -> Result<Vec<String>, NamespaceError> {
+        self.inode(ino)?;
+        let prefix = xattr_prefix(ino);
+        Ok(self.store.list_prefix(&prefix)?.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect())
+    }
+
+    pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<(), NamespaceError> {
+        Self::check_xattr_name(name)?;
+        retry(name, || {
+            let (mut inode, inode_rev) = self.inode_with_revision(ino)?;
+            let key = xattr_key(ino, name);
+            let Some(existing) = self.store.get(&key)? else { return Err(NamespaceError::NoAttribute { ino, name: name.to_string() }) };
+            inode.ctime = Timestamp::now();
+            let committed = self.store.commit(
+                &[cond(inode_key(ino), inode_rev), cond(key.clone(), existing.revision)],
+                &[Mutation::Delete { key }, put(inode_key(ino), &inode)],
+            )?;
+            Ok(committed.then_some(()))
+        })
+    }
+
+    /// The byte-range locks on file `ino`.
+    pub fn locks(&self, ino: u64) -> Result<Vec<crate::locks::RangeLock>, NamespaceError> {
+        Ok(self.read(&locks_key(ino))?.map(|(l, _)| l).unwrap_or_default())
+    }
+
+    /// Changes the locks of `ino` with `change` (which may refuse with an error), atomically.
+    pub fn update_locks(
+        &self,
+        ino: u64,
+        change: impl Fn(Vec<crate::locks::RangeLock>) -> Result<Vec<crate::locks::RangeLock>, NamespaceError>,
+    ) -> Result<(), NamespaceError> {
+        retry(&format!("locks of inode {ino}"), || {
+            let (current, rev) = self.read(&locks_key(ino))?.unwrap_or((Vec::new(), 0));
+            let next = change(current.clone())?;
+            if next == current {
+                return Ok(Some(()));
+            }
+            let mutation = if next.is_empty() { Mutation::Delete { key: locks_key(ino) } } else { put(locks_key(ino), &next) };
+            Ok(self.store.commit(&[cond(locks_key(ino), rev)], &[mutation])?.then_some(()))
+        })
+    }
+
+    /// Drops every lock held by `node` (its processes are gone: the mount restarted).
+    pub fn drop_node_locks(&self, node: &str) -> Result<(), NamespaceError> {
+        for (key, _) in self.store.list_prefix(LOCKS_PREFIX)? {
+            let Ok(ino) = u64::from_str_radix(&key[LOCKS_PREFIX.len()..], 16) else { continue };
+            self.update_locks(ino, |locks| Ok(locks.into_iter().filter(|l| l.node != node).collect()))?;
+        }
+        Ok(())
+    }
+
+    /// Registers a chunk server so mounts place replicas on it.
+    pub fn register_server(&self, addr: &str) -> Result<(), NamespaceError> {
+        self.store.commit(&[], &[Mutation::Put { key: format!("{SERVERS_PREFIX}{addr}"), value: addr.as_bytes().to_vec() }])?;
+        Ok(())
+    }
+
+    pub fn servers(&self) -> Result<Vec<String>, NamespaceError> {
+        Ok(self.store.list_prefix(SERVERS_PREFIX)?.into_iter().map(|(k, _)| k[SERVERS_PREFIX.len()..].to_string()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata_store::MemoryMetadata;
+
+    fn ns() -> Namespace {
+        let ns = Namespace::new(Arc::new(MemoryMetadata::new()));
+        ns.init(3, FsConfig { chunk_size: 1 << 20 }).unwrap();
+        ns
+    }
+
+    fn file(ns: &Namespace, parent: u64, name: &str) -> Inode {
+        ns.create(parent, name, InodeKind::File, 0o644, 0, 0, None).unwrap()
+    }
+
+    #[test]
+    fn create_lookup_and_exists() {
+        let ns = ns();
+        let f = file(&ns, ROOT_INO, "a");
+        assert_eq!(ns.lookup(ROOT_INO, "a").unwrap().ino, f.ino);
+        assert_eq!(ns.create(ROOT_INO, "a", InodeKind::File, 0o644, 0, 0, None).unwrap_err().errno(), libc::EEXIST);
+        assert_eq!(ns.lookup(ROOT_INO, "b").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(ns.lookup(f.ino, "x").unwrap_err().errno(), libc::ENOTDIR);
+    }
+
+    #[test]
+    fn bad_names_change_nothing() {
+        let ns = ns();
+        assert_eq!(ns.create(ROOT_INO, &"x".repeat(256), InodeKind::File, 0o644, 0, 0, None).unwrap_err().errno(), libc::ENAMETOOLONG);
+        assert_eq!(ns.create(ROOT_INO, "a/b", InodeKind::File, 0o644, 0, 0, None).unwrap_err().errno(), libc::EINVAL);
+        assert!(ns.read_dir(ROOT_INO).unwrap().is_empty());
+        assert!(ns.create(ROOT_INO, &"x".repeat(255), InodeKind::File, 0o644, 0, 0, None).is_ok());
+    }
+
+    #[test]
+    fn rmdir_refuses_non_empty_and_counts_links() {
+        let ns = ns();
+        let d = ns.create(ROOT_INO, "d", InodeKind::Directory, 0o755, 0, 0, None).unwrap();
+        assert_eq!(ns.inode(ROOT_INO).unwrap().nlink, 3);
+        file(&ns, d.ino, "f");
+        assert_eq!(ns.rmdir(ROOT_INO, "d").unwrap_err().errno(), libc::ENOTEMPTY);
+        assert_eq!(ns.unlink(ROOT_INO, "d").unwrap_err().errno(), libc::EISDIR);
+        assert_eq!(ns.rmdir(d.ino, "f").unwrap_err().errno(), libc::ENOTDIR);
+        ns.unlink(d.ino, "f").unwrap();
+        ns.rmdir(ROOT_INO, "d").unwrap();
+        assert_eq!(ns.inode(ROOT_INO).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn rename_over_file_and_across_directories() {
+        let ns = ns();
+        let a = file(&ns, ROOT_INO, "a");
+        let b = file(&ns, ROOT_INO, "b");
+        ns.rename(ROOT_INO, "a", ROOT_INO, "b", false).unwrap();
+        assert_eq!(ns.lookup(ROOT_INO, "b").unwrap().ino, a.ino);
+        assert_eq!(ns.inode(b.ino).unwrap_err().errno(), libc::ENOENT);
+        let d = ns.create(ROOT_INO, "d", InodeKind::Directory, 0o755, 0, 0, None).unwrap();
+        ns.rename(ROOT_INO, "b", d.ino, "c", false).unwrap();
+        assert_eq!(ns.lookup(d.ino, "c").unwrap().ino, a.ino);
+        let e = ns.create(ROOT_INO, "e", InodeKind::Directory, 0o755, 0, 0, None).unwrap();
+        assert_eq!(ns.rename(ROOT_INO, "e", d.ino, "c", false).unwrap_err().errno(), libc::ENOTDIR);
+        assert_eq!(ns.rename(d.ino, "c", ROOT_INO, "e", false).unwrap_err().errno(), libc::EISDIR);
+        assert_eq!(ns.rename(ROOT_INO, "d", d.ino, "sub", false).unwrap_err().errno(), libc::EINVAL);
+        ns.rename(ROOT_INO, "e", d.ino, "e2", false).unwrap();
+        assert_eq!(ns.inode(e.ino).unwrap().parent, d.ino);
+        assert_eq!(ns.rename(d.ino, "e2", e.ino, "loop", false).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(ns.inode(ROOT_INO).unwrap().nlink, 3);
+        assert_eq!(ns.inode(d.ino).unwrap().nlink, 3);
+        assert_eq!(ns.inode(e.ino).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn an_open_file_unlinked_lives_until_its_orphan_is_removed() {
+        let ns = ns();
+        let f = file(&ns, ROOT_INO, "f");
+        ns.unlink_keeping(ROOT_INO, "f", &|ino| ino == f.ino).unwrap();
+        assert_eq!(ns.lookup(ROOT_INO, "f").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(ns.inode(f.ino).unwrap().nlink, 0);
+        ns.remove_orphan(f.ino).unwrap();
+        assert!(ns.inode(f.ino).is_err());
+    }
+
+    #[test]
+    fn copies_are_set_per_directory_and_inherited() {
+        let ns = ns();
+        let d = ns.create(ROOT_INO, "d", InodeKind::Directory, 0o755, 0, 0, None).unwrap();
+        assert_eq!(ns.set_copies(d.ino, 0).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(ns.inode(d.ino).unwrap().replicas, 3, "a refused change changes nothing");
+        ns.set_copies(d.ino, 2).unwrap();
+        assert_eq!(file(&ns, d.ino, "f").replicas, 2);
+        assert_eq!(file(&ns, ROOT_INO, "g").replicas, 3);
+    }
+
+    #[test]
+    fn hard_links_keep_the_inode_until_the_last() {
+        let ns = ns();
+        let a = file(&ns, ROOT_INO, "a");
+        ns.link(a.ino, ROOT_INO, "b").unwrap();
+        assert_eq!(ns.inode(a.ino).unwrap().nlink, 2);
+        ns.unlink(ROOT_INO, "a").unwrap();
+        assert_eq!(ns.lookup(ROOT_INO, "b").unwrap().nlink, 1);
+        ns.unlink(ROOT_INO, "b").unwrap();
+        assert!(ns.inode(a.ino).is_err());
+    }
+
+    #[test]
+    fn xattrs_honour_create_and_replace_and_go_with_the_inode() {
+        let ns = ns();
+        let f = file(&ns, ROOT_INO, "f");
+        assert_eq!(ns.set_xattr(f.ino, "user.a", b"1", XattrMode::ReplaceOnly).unwrap_err().errno(), libc::ENODATA);
+        ns.set_xattr(f.ino, "user.a", b"1", XattrMode::CreateOnly).unwrap();
+        assert_eq!(ns.set_xattr(f.ino, "user.a", b"2", XattrMode::CreateOnly).unwrap_err().errno(), libc::EEXIST);
+        ns.set_xattr(f.ino, "user.a", b"2", XattrMode::ReplaceOnly).unwrap();
+        assert_eq!(ns.get_xattr(f.ino, "user.a").unwrap(), b"2");
+        assert_eq!(ns.list_xattrs(f.ino).unwrap(), vec!["user.a".to_string()]);
+        assert_eq!(ns.set_xattr(f.ino, "system.posix_acl_access", b"", XattrMode::CreateOrReplace).unwrap_err().errno(), libc::EOPNOTSUPP);
+        ns.unlink(ROOT_INO, "f").unwrap();
+        assert!(ns.store().list_prefix(&xattr_prefix(f.ino)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn lease_takeover_bumps_epoch_and_fences_the_old_holder() {
+        let ns = ns();
+        let f = file(&ns, ROOT_INO, "f");
+        let first = ns.acquire_lease(f.ino, "node-a", false).unwrap();
+        assert_eq!(first.epoch, 1);
+        assert_eq!(ns.acquire_lease(f.ino, "node-b", false).unwrap_err().errno(), libc::EBUSY);
+        let second = ns.acquire_lease(f.ino, "node-b", true).unwrap();
+        assert_eq!(second.epoch, 2);
+        assert!(matches!(ns.set_size(&first, 10, None), Err(NamespaceError::Fenced { .. })));
+        let chunk = ChunkInfo { chunk_id: 1, version: 1, replicas: vec![] };
+        assert!(matches!(ns.put_chunk(&first, 0, &chunk, 0), Err(NamespaceError::Fenced { .. })));
+        ns.set_size(&second, 10, None).unwrap();
+        ns.release_lease(&second).unwrap();
+        assert_eq!(ns.acquire_lease(f.ino, "node-a", false).unwrap().epoch, 3);
+    }
+
+    #[test]
+    fn partial_write_makes_missing_replicas_stale() {
+        let chunk = ChunkInfo {
+            chunk_id: 1,
+            version: 4,
+            replicas: vec![
+                Replica { server: "a".into(), version: 4 },
+                Replica { server: "b".into(), version: 4 },
+                Replica { server: "c".into(), version: 3 },
+            ],
+        };
+        let after = chunk.after_partial_write(&["a".to_string(), "c".to_string()]);
+        assert_eq!(after.version, 5);
+        assert_eq!(after.current_servers(), vec!["a".to_string()]);
+    }
+}

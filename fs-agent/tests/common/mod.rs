@@ -1,0 +1,225 @@
+//! A whole filesystem on this machine for tests: a metadata store process, chunk server
+//! processes and FUSE mounts, on loopback, in a fresh temporary directory. Dropping it unmounts
+//! every mount and kills every process, also when the test panics.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fs_agent::file_data::FileData;
+use fs_agent::metadata_store::ClusterMetadata;
+use fs_agent::namespace::Namespace;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_fs-agent");
+/// Small chunks so tests cross chunk boundaries with little data.
+pub const CHUNK_SIZE: u64 = 1024 * 1024;
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn(args: &[&str], log: &Path) -> Child {
+    spawn_with_ca(args, log, None)
+}
+
+fn spawn_with_ca(args: &[&str], log: &Path, ca: Option<&Path>) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    let mut command = Command::new(BINARY);
+    if let Some(ca) = ca {
+        command.env("FS_AGENT_META_CA", ca);
+    }
+    command.args(args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap()
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub struct ChunkServer {
+    pub addr: String,
+    pub data: PathBuf,
+    process: Option<Child>,
+}
+
+pub struct Mount {
+    pub path: PathBuf,
+    pub node_id: String,
+    process: Option<Child>,
+}
+
+pub struct TestFs {
+    pub dir: tempfile::TempDir,
+    pub meta: String,
+    /// The store's CA certificate when it talks TLS.
+    pub meta_ca: Option<PathBuf>,
+    meta_process: Option<Child>,
+    pub servers: Vec<ChunkServer>,
+    pub mounts: Vec<Mount>,
+}
+
+pub fn is_fuse_mount(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == FUSE_SUPER_MAGIC).unwrap_or(false)
+}
+
+impl TestFs {
+    /// A metadata store and `servers` chunk servers, all registered.
+    pub fn start(tag: &str, servers: usize) -> TestFs {
+        Self::start_with(tag, servers, false)
+    }
+
+    /// Like [`start`], with `tls`: the store talks TLS with a fresh cluster CA, which every
+    /// process is given (`--meta-ca`).
+    pub fn start_with(tag: &str, servers: usize, tls: bool) -> TestFs {
+        let dir = tempfile::Builder::new().prefix(&format!("fs-agent-{tag}-{}-", std::process::id())).tempdir().unwrap();
+        let meta = format!("127.0.0.1:{}", free_port());
+        let peer = format!("127.0.0.1:{}", free_port());
+        let meta_dir = dir.path().join("meta");
+        let mut args: Vec<String> =
+            ["meta-server", "--data-dir", meta_dir.to_str().unwrap(), "--client-addr", &meta, "--peer-addr", &peer].iter().map(|s| s.to_string()).collect();
+        let ca = if tls {
+            let ca_dir = dir.path().join("ca");
+            cluster::tls::CaMaterial::create().unwrap().write(&ca_dir).unwrap();
+            args.extend(["--ca-dir".to_string(), ca_dir.display().to_string()]);
+            Some(ca_dir.join("ca.pem"))
+        } else {
+            None
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let meta_process = spawn(&args, &dir.path().join("meta.log"));
+        let mut fs = TestFs { dir, meta, meta_ca: ca, meta_process: Some(meta_process), servers: vec![], mounts: vec![] };
+        for i in 0..servers {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let data = fs.dir.path().join(format!("chunks-{i}"));
+            fs.servers.push(ChunkServer { addr, data, process: None });
+            fs.start_server(i);
+        }
+        let ns = fs.namespace();
+        wait_until("chunk servers to register", Duration::from_secs(60), || ns.servers().map(|s| s.len() == servers).unwrap_or(false));
+        fs
+    }
+
+    pub fn start_server(&mut self, i: usize) {
+        let log = self.dir.path().join(format!("chunkserver-{i}.log"));
+        let server = &mut self.servers[i];
+        let child = spawn_with_ca(
+            &["chunkserver", "--listen", &server.addr, "--data", server.data.to_str().unwrap(), "--meta", &self.meta, "--scrub-interval-secs", "1"],
+            &log,
+            self.meta_ca.as_deref(),
+        );
+        server.process = Some(child);
+    }
+
+    /// SIGKILL, as a crash or a node loss.
+    pub fn kill_server(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].process.take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Mounts the filesystem on a new mount point, as a new node, and waits until it serves.
+    pub fn mount(&mut self) -> PathBuf {
+        let i = self.mounts.len();
+        let path = self.dir.path().join(format!("mnt-{i}"));
+        std::fs::create_dir_all(&path).unwrap();
+        self.mounts.push(Mount { path: path.clone(), node_id: format!("node-{i}"), process: None });
+        self.start_mount(i);
+        path
+    }
+
+    /// Kills mount `i` with SIGKILL (a crashed fs-agent), then starts it again on the same
+    /// mount point with the same node id.
+    pub fn restart_mount(&mut self, i: usize) {
+        if let Some(mut child) = self.mounts[i].process.take() {
+            kill(&mut child);
+        }
+        nix::mount::umount2(&self.mounts[i].path, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        self.start_mount(i);
+    }
+
+    fn start_mount(&mut self, i: usize) {
+        let log = self.dir.path().join(format!("mount-{i}.log"));
+        let mount = &mut self.mounts[i];
+        let path = mount.path.clone();
+        let child = spawn_with_ca(
+            &["mount", "--meta", &self.meta, "--chunk-size", &CHUNK_SIZE.to_string(), "--threads", "4", "--heal-interval-secs", "1", "--node-id", &mount.node_id, path.to_str().unwrap()],
+            &log,
+            self.meta_ca.as_deref(),
+        );
+        mount.process = Some(child);
+        let start = Instant::now();
+        while !is_fuse_mount(&path) {
+            if let Some(status) = mount.process.as_mut().unwrap().try_wait().unwrap() {
+                panic!("mount exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "mount did not come up: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` to mount `i`'s process (SIGSTOP: a node frozen past its self-fence).
+    pub fn signal_mount(&self, i: usize, signal: nix::sys::signal::Signal) {
+        let pid = self.mounts[i].process.as_ref().expect("mount running").id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+    }
+
+    /// A metadata client of this filesystem, as another node would have.
+    pub fn namespace(&self) -> Arc<Namespace> {
+        let ca_pem = self.meta_ca.as_ref().map(|p| std::fs::read_to_string(p).unwrap());
+        let store = ClusterMetadata::connect(vec![self.meta.clone()], ca_pem).unwrap();
+        Arc::new(Namespace::new(Arc::new(store)))
+    }
+
+    pub fn file_data(&self, min_copies: usize) -> FileData {
+        FileData::new(self.namespace(), CHUNK_SIZE, min_copies)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for TestFs {
+    fn drop(&mut self) {
+        for mount in &mut self.mounts {
+            let _ = nix::mount::umount2(&mount.path, nix::mount::MntFlags::MNT_DETACH);
+            if let Some(mut child) = mount.process.take() {
+                kill(&mut child);
+            }
+        }
+        for server in &mut self.servers {
+            if let Some(mut child) = server.process.take() {
+                kill(&mut child);
+            }
+        }
+        if let Some(mut child) = self.meta_process.take() {
+            kill(&mut child);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a test can check what it wrote.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
