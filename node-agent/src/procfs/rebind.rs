@@ -95,6 +95,21 @@ fn attach_detached(tree: &OwnedFd, target: &str) -> Result<(), Errno> {
     Ok(())
 }
 
+/// A daemon that just mounted may not answer for a moment (its mount is
+/// listed before the stale one is gone, or before it serves): retry the
+/// errors of that window for up to two seconds.
+fn clone_when_served(source_path: &Path) -> Result<OwnedFd, Errno> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match clone_detached(source_path) {
+            Err(Errno::ENOENT | Errno::ENOTCONN) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Replaces the VE's /proc view bind mounts with fresh ones from the daemon now
 /// mounted at `procfs_root`. `ve_init_pid` is the VE's init as seen from the host.
 /// Safe to call when the views are healthy too: they are simply replaced.
@@ -115,7 +130,7 @@ pub fn rebind_views(ve_init_pid: u32, procfs_root: &Path, ve_id: &str) -> Result
         .into_iter()
         .map(|(source, target)| (source, target, false));
     for (source_path, target, always) in proc_views.chain(sys_views) {
-        let tree = clone_detached(&source_path).map_err(|errno| RebindError::CloneView {
+        let tree = clone_when_served(&source_path).map_err(|errno| RebindError::CloneView {
             ve_id: ve_id.to_string(),
             source_path: source_path.clone(),
             errno,
