@@ -195,6 +195,9 @@ impl Agent {
 
     /// Runs until the process is killed.
     pub fn run(&mut self) -> ! {
+        if let Err(error) = self.node.ensure_network() {
+            tracing::warn!(%error, "cannot set up the node's bridge");
+        }
         loop {
             self.ensure_proc_views();
             self.reconcile_once();

@@ -156,6 +156,11 @@ impl Node {
         format!("/{}/{}", self.config.cgroup_parent, name)
     }
 
+    /// Sets up the node's bridge, its gateway addresses and nft tables.
+    pub fn ensure_network(&self) -> Result<()> {
+        Ok(network::ensure_bridge(&self.bridge())?)
+    }
+
     fn bridge(&self) -> network::BridgeConfig {
         let net = &self.config.network;
         network::BridgeConfig {
@@ -419,7 +424,11 @@ impl Node {
         // Leftovers of a VE that died on its own (or a node that crashed).
         self.teardown(&spec)?;
         let template = template::load_template(&self.config.templates_dir, &spec.template)?;
-        network::ensure_bridge(&self.bridge())?;
+        // The agent sets the bridge up fully when it starts; a start only
+        // creates it if it is missing (ensure_bridge runs `ip` and nft).
+        if !network::bridge_ready(&self.config.network.bridge) {
+            network::ensure_bridge(&self.bridge())?;
+        }
         let procfs_ready = daemons::ensure_procfs(&self.config).unwrap_or_else(|error| {
             tracing::warn!(ve = name, %error, "VE starts without its /proc views");
             false

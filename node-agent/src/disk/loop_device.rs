@@ -304,12 +304,21 @@ pub fn find_by_backing_file(image: &Path) -> Result<Option<LoopDevice>, LoopErro
     {
         return Ok(Some(LoopDevice::from_number(number)));
     }
-    // The same file reached by another path (a bind mount, a rename): ask
-    // the loop driver which inode it holds. Slower: opens each device.
+    // The same file reached by another path (a bind mount, a hard link):
+    // compare inodes by a stat of each recorded path; only for a path that
+    // is gone (a rename) ask the loop driver, which means opening the
+    // device: doing that for every device made starts slow on a node with a
+    // thousand VEs.
     let identity = Some((meta.dev(), meta.ino()));
     Ok(numbers
         .into_iter()
-        .find(|&n| backing_identity(n) == identity)
+        .find(|&n| match backing_file(n) {
+            Some(recorded) => match fs::metadata(&recorded) {
+                Ok(m) => Some((m.dev(), m.ino())) == identity,
+                Err(_) => backing_identity(n) == identity,
+            },
+            None => false,
+        })
         .map(LoopDevice::from_number))
 }
 

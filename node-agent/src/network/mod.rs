@@ -493,6 +493,13 @@ fn remove_rules(bridge: &str, ve_id: &str, ifname: &str) -> Result<(), NetworkEr
     }
 }
 
+/// Whether the bridge and its nft tables exist in the calling thread's
+/// netns: cheap (no process spawned), for a start path that only needs to
+/// know whether [`ensure_bridge`] must run.
+pub fn bridge_ready(bridge: &str) -> bool {
+    interface_exists(bridge) && bridge_table_exists(bridge)
+}
+
 fn bridge_table_exists(bridge: &str) -> bool {
     nftables::run(&format!("list table bridge {bridge}")).is_ok()
 }
