@@ -422,7 +422,9 @@ impl Node {
             return Err(LifecycleError::Running(name.into()));
         }
         // Leftovers of a VE that died on its own (or a node that crashed).
-        self.teardown(&spec)?;
+        if self.has_leftovers(name) {
+            self.teardown(&spec)?;
+        }
         let template = template::load_template(&self.config.templates_dir, &spec.template)?;
         // The agent sets the bridge up fully when it starts; a start only
         // creates it if it is missing (ensure_bridge runs `ip` and nft).
@@ -508,16 +510,39 @@ impl Node {
         }
     }
 
+    /// Whether anything of a previous run of the VE is still on the node:
+    /// runtime state, its mounts, its veth. Cheap, so a clean start skips
+    /// the teardown (which loads nftables and scans loop devices).
+    fn has_leftovers(&self, name: &str) -> bool {
+        if self.runtime.state(name).is_ok() {
+            return true;
+        }
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let run_dir = self.config.ve_run_dir(name);
+        let run_dir = run_dir.to_string_lossy();
+        if mounts.lines().any(|line| line.split(' ').nth(4).is_some_and(|target| target.starts_with(run_dir.as_ref()))) {
+            return true;
+        }
+        let ifname = std::ffi::CString::new(network::host_ifname_for_ve(name)).expect("interface names have no NUL");
+        // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+        unsafe { libc::if_nametoindex(ifname.as_ptr()) != 0 }
+    }
+
     /// Removes everything a VE holds on this node while it runs: container,
     /// network, mounts, loop device. Idempotent.
     fn teardown(&self, spec: &VeSpec) -> Result<()> {
         let name = &spec.name;
-        match self.runtime.delete(name, true) {
-            Ok(()) => {}
-            Err(ve_runtime::RuntimeError::State(ve_runtime::state::StateError::NotFound(..))) => {}
+        let had_container = match self.runtime.delete(name, true) {
+            Ok(()) => true,
+            Err(ve_runtime::RuntimeError::State(ve_runtime::state::StateError::NotFound(..))) => false,
             Err(error) => return Err(error.into()),
+        };
+        if had_container {
+            // Its processes are dead: the veth goes with its netns.
+            network::detach_rules(&self.bridge(), name)?;
+        } else {
+            network::detach(&self.bridge(), name)?;
         }
-        network::detach(&self.bridge(), name)?;
         idmap::unmount(&self.rootfs(name))?;
         if let Some(attached) = disk::find_attached(&self.image_path(name))? {
             disk::detach(&attached)?;
