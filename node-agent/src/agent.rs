@@ -80,6 +80,33 @@ pub fn rebooted_since_last_record(config: &NodeConfig) -> bool {
     }
 }
 
+/// Remounts the host's cgroup2 hierarchy with `favordynmods`: the kernel
+/// then keeps its cgroup threadgroup lock in slow-path mode, so moving a
+/// VE's init into its cgroups (every start) no longer waits for an RCU
+/// grace period (10-25 ms here), at a small cost to fork and exit. Applies
+/// to the v1 hierarchies of a hybrid host too: the lock is shared.
+pub fn favor_cgroup_moves() {
+    const CGROUP2: &str = "/sys/fs/cgroup/unified";
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let Some(line) = mounts.lines().find(|l| l.split(' ').nth(1) == Some(CGROUP2) && l.split(' ').nth(2) == Some("cgroup2"))
+    else {
+        return;
+    };
+    if line.contains("favordynmods") {
+        return;
+    }
+    match nix::mount::mount(
+        None::<&str>,
+        CGROUP2,
+        None::<&str>,
+        nix::mount::MsFlags::MS_REMOUNT,
+        Some("favordynmods"),
+    ) {
+        Ok(()) => tracing::info!("cgroup2 remounted with favordynmods: faster VE starts"),
+        Err(error) => tracing::warn!(%error, "cannot remount cgroup2 with favordynmods"),
+    }
+}
+
 pub struct Agent {
     node: Node,
     interval: Duration,
@@ -195,6 +222,7 @@ impl Agent {
 
     /// Runs until the process is killed.
     pub fn run(&mut self) -> ! {
+        favor_cgroup_moves();
         if let Err(error) = self.node.ensure_network() {
             tracing::warn!(%error, "cannot set up the node's bridge");
         }
