@@ -403,14 +403,7 @@ fn configure_inside(
 /// Disconnects a VE: deletes its veth (if the VE's netns is already gone,
 /// so is the veth) and its nft rules. Idempotent.
 pub fn detach(bridge: &BridgeConfig, ve_id: &str) -> Result<(), NetworkError> {
-    validate::validate_bridge_name(&bridge.name).map_err(|reason| NetworkError::InvalidBridge {
-        bridge: bridge.name.clone(),
-        reason,
-    })?;
-    validate::validate_ve_id(ve_id).map_err(|reason| NetworkError::InvalidVe {
-        ve_id: ve_id.to_owned(),
-        reason,
-    })?;
+    check_detach_input(bridge, ve_id)?;
     let ifname = host_ifname_for_ve(ve_id);
     if interface_exists(&ifname) {
         delete_link(ve_id, &ifname)?;
@@ -420,12 +413,7 @@ pub fn detach(bridge: &BridgeConfig, ve_id: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// Removes only a VE's rules, for a VE whose processes are all gone: its
-/// veth then goes away with its network namespace, in the kernel's own
-/// (batched, asynchronous) namespace cleanup, instead of the caller waiting
-/// ~30 ms for a synchronous link delete. A new attach replaces a veth that
-/// has not gone yet.
-pub fn detach_rules(bridge: &BridgeConfig, ve_id: &str) -> Result<(), NetworkError> {
+fn check_detach_input(bridge: &BridgeConfig, ve_id: &str) -> Result<(), NetworkError> {
     validate::validate_bridge_name(&bridge.name).map_err(|reason| NetworkError::InvalidBridge {
         bridge: bridge.name.clone(),
         reason,
@@ -434,6 +422,16 @@ pub fn detach_rules(bridge: &BridgeConfig, ve_id: &str) -> Result<(), NetworkErr
         ve_id: ve_id.to_owned(),
         reason,
     })?;
+    Ok(())
+}
+
+/// Removes only a VE's rules, for a VE whose processes are all gone: its
+/// veth then goes away with its network namespace, in the kernel's own
+/// (batched, asynchronous) namespace cleanup, instead of the caller waiting
+/// ~30 ms for a synchronous link delete. A new attach replaces a veth that
+/// has not gone yet.
+pub fn detach_rules(bridge: &BridgeConfig, ve_id: &str) -> Result<(), NetworkError> {
+    check_detach_input(bridge, ve_id)?;
     let ifname = host_ifname_for_ve(ve_id);
     remove_rules(&bridge.name, ve_id, &ifname)?;
     tracing::debug!(ve = %ve_id, %ifname, "removed VE network rules");
