@@ -42,14 +42,8 @@ pub fn find_binary(name: &'static str) -> Result<PathBuf, DaemonError> {
 
 /// Whether a live FUSE filesystem is mounted at `mountpoint`.
 pub fn fuse_mounted(mountpoint: &Path) -> bool {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let target = mountpoint.to_string_lossy();
-    let listed = mountinfo.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let separator = fields.iter().position(|f| *f == "-");
-        fields.get(4) == Some(&target.as_ref())
-            && separator.and_then(|i| fields.get(i + 1)).is_some_and(|fstype| fstype.starts_with("fuse"))
-    });
+    let mounts = crate::disk::mountinfo::read().unwrap_or_default();
+    let listed = crate::disk::mountinfo::mount_at(&mounts, mountpoint).is_some_and(|m| m.fs_type.starts_with("fuse"));
     // A mount whose daemon died answers ENOTCONN: not live.
     listed && std::fs::metadata(mountpoint).is_ok()
 }

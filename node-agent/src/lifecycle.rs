@@ -517,10 +517,9 @@ impl Node {
         if self.runtime.state(name).is_ok() {
             return true;
         }
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let run_dir = self.config.ve_run_dir(name);
-        let run_dir = run_dir.to_string_lossy();
-        if mounts.lines().any(|line| line.split(' ').nth(4).is_some_and(|target| target.starts_with(run_dir.as_ref()))) {
+        let mounts = disk::mountinfo::read().unwrap_or_default();
+        if mounts.iter().any(|m| m.mount_point.starts_with(&run_dir)) {
             return true;
         }
         let ifname = std::ffi::CString::new(network::host_ifname_for_ve(name)).expect("interface names have no NUL");
@@ -674,7 +673,7 @@ impl Node {
         }
         let options = ve_runtime::ExecOptions { args, tty, ..Default::default() };
         let status = self.runtime.exec(name, &options)?;
-        Ok(status.code().unwrap_or(128 + status.signal().unwrap_or(0)))
+        Ok(status.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
     }
 
     /// Changes a VE's limits; a running VE gets them at once.
@@ -688,8 +687,8 @@ impl Node {
             return Err(LifecycleError::DiskShrink { name: name.into(), from: old.disk_bytes, to: spec.limits.disk_bytes });
         }
         let running = self.running_pid(name).is_some();
+        let attached = if running { disk::find_attached(&self.image_path(name))? } else { None };
         if spec.limits.disk_bytes > old.disk_bytes {
-            let attached = if running { disk::find_attached(&self.image_path(name))? } else { None };
             disk::grow(&self.image_path(name), spec.limits.disk_bytes, attached.as_ref())?;
         }
         if running {
@@ -699,7 +698,7 @@ impl Node {
                 template: &template.meta,
                 rootfs: &self.rootfs(name),
                 cgroup_path: self.cgroup_path(name),
-                disk_device: disk::find_attached(&self.image_path(name))?.map(|d| (d.loop_major, d.loop_minor)),
+                disk_device: attached.as_ref().map(|d| (d.loop_major, d.loop_minor)),
                 proc_views: Vec::new(),
                 cpuset: self.cpuset(&spec),
             });
@@ -734,15 +733,5 @@ impl Node {
             }
         }
         failures
-    }
-}
-
-trait ExitStatusParts {
-    fn signal(&self) -> Option<i32>;
-}
-
-impl ExitStatusParts for std::process::ExitStatus {
-    fn signal(&self) -> Option<i32> {
-        std::os::unix::process::ExitStatusExt::signal(self)
     }
 }

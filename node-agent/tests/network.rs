@@ -502,36 +502,7 @@ fn udp_frame(
 
 /// Sends a raw frame on eth0 of the calling thread's netns.
 fn send_raw(frame: &[u8]) {
-    let ifindex = {
-        let name = std::ffi::CString::new("eth0").unwrap();
-        // SAFETY: name is NUL-terminated and outlives the call.
-        unsafe { libc::if_nametoindex(name.as_ptr()) }
-    };
-    assert_ne!(ifindex, 0, "no eth0");
-    // SAFETY: plain socket(2) call; closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_ifindex = ifindex as i32;
-    address.sll_halen = 6;
-    address.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: frame and address are valid for the given lengths; fd is open.
-    let sent = unsafe {
-        libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&address as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    let error = std::io::Error::last_os_error();
-    // SAFETY: fd is ours and not used afterwards.
-    unsafe { libc::close(fd) };
-    assert_eq!(sent, frame.len() as isize, "sendto: {error}");
+    node_agent::network::send_frames("eth0", &[frame.to_vec()]).expect("send a raw frame on eth0");
 }
 
 #[test]

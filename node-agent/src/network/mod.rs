@@ -23,6 +23,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use announce::send_frames;
 pub use identity::{host_ifname_for_ve, link_local_for_mac, mac_for_ve, VE_IFNAME};
 pub use netns::{run_in_netns, NetnsError};
 pub use nftables::NftError;
