@@ -364,6 +364,21 @@ fn host_mount_of(mounts: &[mountinfo::MountEntry], device: &LoopDevice) -> Optio
         .map(|m| m.mount_point.clone())
 }
 
+/// [`find_attached`] for a disk expected at `mount_point`: the mount table
+/// names its loop device, so no scan of every loop device is needed when
+/// the disk is where it should be.
+pub fn find_attached_at(image: &Path, mount_point: &Path) -> Result<Option<AttachedDisk>, DiskError> {
+    let mounts = mountinfo::read().map_err(DiskError::MountTable)?;
+    let expected = mountinfo::mount_at(&mounts, &canonical(mount_point))
+        .filter(|m| m.root == Path::new("/") && !m.is_idmapped())
+        .and_then(|m| loop_device::number_of_dev(m.major, m.minor))
+        .and_then(|number| loop_device::if_backed_by(number, image));
+    match expected {
+        Some(device) => Ok(Some(attached_disk(image, &device, canonical(mount_point)))),
+        None => find_attached(image),
+    }
+}
+
 /// Re-discovers an attached, mounted disk (e.g. after an agent restart) from
 /// the loop devices' backing files and the mount table. None when the image
 /// is not on a loop device or the loop device is not mounted.
@@ -467,7 +482,7 @@ pub fn attach(image: &Path, mount_point: &Path) -> Result<AttachedDisk, DiskErro
     let mount_point = canonical(mount_point);
 
     let mounts = mountinfo::read().map_err(DiskError::MountTable)?;
-    let existing = loop_device::find_by_backing_file(image).map_err(|source| DiskError::Loop {
+    let existing = loop_device::find_by_backing_file_held(image, &lock).map_err(|source| DiskError::Loop {
         image: image.to_path_buf(),
         source,
     })?;
@@ -542,12 +557,19 @@ pub fn detach(disk: &AttachedDisk) -> Result<(), DiskError> {
     let mounts = mountinfo::read().map_err(DiskError::MountTable)?;
     // The loop device may have been released and reused for another image
     // since `disk` was made: only touch it while it still backs our image.
-    let device = loop_device::find_by_backing_file(image)
-        .map_err(|source| DiskError::Loop {
-            image: image.clone(),
-            source,
-        })?
-        .filter(|d| d.path == disk.loop_device);
+    // The device we attached, if it still backs the image (one sysfs read);
+    // otherwise a scan, which also matches the image by inode.
+    let device = match loop_device::number_of(&disk.loop_device)
+        .and_then(|number| loop_device::if_backed_by(number, image))
+    {
+        Some(device) => Some(device),
+        None => loop_device::find_by_backing_file(image)
+            .map_err(|source| DiskError::Loop {
+                image: image.clone(),
+                source,
+            })?
+            .filter(|d| d.path == disk.loop_device),
+    };
     let Some(device) = device else {
         tracing::debug!(image = %image.display(), "already detached");
         return Ok(());

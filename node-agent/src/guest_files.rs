@@ -103,7 +103,7 @@ pub fn ensure_dir(root: &Path, relative: &str, mode: u32) -> Result<(), GuestFil
 pub fn hosts_file(hostname: &str, addresses: &[String]) -> String {
     let short = hostname.split('.').next().unwrap_or(hostname);
     let names = if short == hostname { hostname.to_string() } else { format!("{hostname} {short}") };
-    let mut text = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut text = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if addresses.is_empty() {
         text.push_str(&format!("127.0.1.1\t{names}\n"));
     }

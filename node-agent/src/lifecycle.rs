@@ -536,14 +536,29 @@ impl Node {
             Err(ve_runtime::RuntimeError::State(ve_runtime::state::StateError::NotFound(..))) => false,
             Err(error) => return Err(error.into()),
         };
-        if had_container {
-            // Its processes are dead: the veth goes with its netns.
-            network::detach_rules(&self.bridge(), name)?;
-        } else {
-            network::detach(&self.bridge(), name)?;
-        }
+        // Its processes are dead, so nothing can use the network any more:
+        // the rules go (an nft transaction, a few ms) while the disk is
+        // unmounted (ext4's unmount, a few ms more).
+        let bridge = self.bridge();
+        let (network, disk) = std::thread::scope(|scope| {
+            let network = scope.spawn(|| {
+                if had_container {
+                    // The veth goes with the VE's netns.
+                    network::detach_rules(&bridge, name)
+                } else {
+                    network::detach(&bridge, name)
+                }
+            });
+            let disk = self.unmount_disk(name);
+            (network.join(), disk)
+        });
+        network.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        disk
+    }
+
+    fn unmount_disk(&self, name: &str) -> Result<()> {
         idmap::unmount(&self.rootfs(name))?;
-        if let Some(attached) = disk::find_attached(&self.image_path(name))? {
+        if let Some(attached) = disk::find_attached_at(&self.image_path(name), &self.disk_mount(name))? {
             disk::detach(&attached)?;
         }
         Ok(())
@@ -687,7 +702,7 @@ impl Node {
             return Err(LifecycleError::DiskShrink { name: name.into(), from: old.disk_bytes, to: spec.limits.disk_bytes });
         }
         let running = self.running_pid(name).is_some();
-        let attached = if running { disk::find_attached(&self.image_path(name))? } else { None };
+        let attached = if running { disk::find_attached_at(&self.image_path(name), &self.disk_mount(name))? } else { None };
         if spec.limits.disk_bytes > old.disk_bytes {
             disk::grow(&self.image_path(name), spec.limits.disk_bytes, attached.as_ref())?;
         }

@@ -156,7 +156,7 @@ pub fn parse_size(input: &str) -> Result<u64, SpecError> {
 /// Formats a byte count the way [`parse_size`] reads it, exact where possible.
 pub fn format_size(bytes: u64) -> String {
     for (suffix, unit) in [("T", 1u64 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
-        if bytes >= unit && bytes % unit == 0 {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }

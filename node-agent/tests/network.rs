@@ -743,6 +743,7 @@ fn bridge_setup_is_idempotent_and_removable() {
         let bridge = TestBridge::new(9, true);
         network::ensure_bridge(&bridge.cfg).expect("second ensure_bridge");
         let name = bridge.cfg.name.as_str();
+        assert!(network::bridge_ready(name), "bridge and its nft table are there");
         let addresses = String::from_utf8_lossy(
             &Command::new("ip")
                 .args(["addr", "show", "dev", name])
@@ -782,6 +783,16 @@ fn bridge_setup_is_idempotent_and_removable() {
         network::remove_bridge(&bridge.cfg).expect("remove again");
         assert!(!interface_exists_here(name));
         assert!(nft_list(&["table", "bridge", name]).is_none());
+        assert!(!network::bridge_ready(name));
+        // The link without its nft table is not ready either.
+        network::ensure_bridge(&bridge.cfg).expect("ensure again");
+        assert!(network::bridge_ready(name));
+        let deleted = Command::new("nft").args(["delete", "table", "bridge", name]).status();
+        assert!(deleted.unwrap().success());
+        assert!(interface_exists_here(name));
+        assert!(!network::bridge_ready(name));
+        network::ensure_bridge(&bridge.cfg).expect("ensure again");
+        assert!(network::bridge_ready(name));
     });
 }
 

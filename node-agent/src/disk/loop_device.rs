@@ -246,7 +246,13 @@ pub fn attach_file(image_file: &File, image: &Path) -> Result<(LoopDevice, Owned
 
 /// Numbers of every loop device that has a backing file.
 pub fn attached_numbers() -> Result<Vec<u32>, LoopError> {
-    let mut numbers = Vec::new();
+    Ok(attached_backing_files()?.into_iter().map(|(number, _)| number).collect())
+}
+
+/// Every bound loop device with the path of its backing file, by number:
+/// one sysfs read per device.
+fn attached_backing_files() -> Result<Vec<(u32, PathBuf)>, LoopError> {
+    let mut attached = Vec::new();
     for entry in fs::read_dir("/sys/block").map_err(LoopError::Scan)? {
         let entry = entry.map_err(LoopError::Scan)?;
         let name = entry.file_name();
@@ -257,12 +263,12 @@ pub fn attached_numbers() -> Result<Vec<u32>, LoopError> {
         else {
             continue;
         };
-        if entry.path().join("loop/backing_file").exists() {
-            numbers.push(number);
+        if let Some(path) = backing_file(number) {
+            attached.push((number, path));
         }
     }
-    numbers.sort_unstable();
-    Ok(numbers)
+    attached.sort_unstable();
+    Ok(attached)
 }
 
 /// The backing file of loop device `number`, None when it is free.
@@ -291,18 +297,66 @@ fn backing_identity(number: u32) -> Option<(u64, u64)> {
     (rc == 0).then_some((info.lo_device, info.lo_inode))
 }
 
+/// The loop device `number` if it is bound to `image` (by path): one sysfs
+/// read, for callers that know which device to expect.
+pub fn if_backed_by(number: u32, image: &Path) -> Option<LoopDevice> {
+    let canonical = fs::canonicalize(image).ok()?;
+    (backing_file(number)? == canonical).then(|| LoopDevice::from_number(number))
+}
+
+/// The number of the loop device at `path` ("/dev/loop12" -> 12).
+pub fn number_of(path: &Path) -> Option<u32> {
+    path.to_str()?.strip_prefix("/dev/loop")?.parse().ok()
+}
+
+/// The number of the loop device with block device numbers major:minor,
+/// if it is one (from its /sys/dev/block link: minors depend on max_part).
+pub fn number_of_dev(major: u32, minor: u32) -> Option<u32> {
+    let target = fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    target.file_name()?.to_str()?.strip_prefix("loop")?.parse().ok()
+}
+
+/// Whether some open file description other than `ours` may exist for its
+/// file. A bound loop device keeps its backing file open, so `false` proves
+/// that no loop device backs the file, without scanning them all.
+///
+/// The proof is a write lease: the kernel grants one only while nobody else
+/// has the file open (it checks the inode's reader and writer counts against
+/// `ours`). It is dropped at once; an open by someone else in between waits
+/// for that (microseconds). Filesystems without leases answer `true`: scan.
+fn maybe_open_elsewhere(ours: &File) -> bool {
+    // SAFETY: fcntl on a descriptor we borrow, with integer arguments.
+    let granted = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) } == 0;
+    if granted {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+    !granted
+}
+
 /// The loop device `image` is attached to, if any.
 pub fn find_by_backing_file(image: &Path) -> Result<Option<LoopDevice>, LoopError> {
-    let Ok(meta) = fs::metadata(image) else {
+    match OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(image) {
+        Ok(file) => find_by_backing_file_held(image, &file),
+        Err(_) => Ok(None),
+    }
+}
+
+/// [`find_by_backing_file`] for a caller that holds `image` open as `held`
+/// (and nothing else open on it).
+pub fn find_by_backing_file_held(image: &Path, held: &File) -> Result<Option<LoopDevice>, LoopError> {
+    let Ok(meta) = held.metadata() else {
         return Ok(None);
     };
+    if !maybe_open_elsewhere(held) {
+        return Ok(None);
+    }
     let canonical = fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let numbers = attached_numbers()?;
-    if let Some(&number) = numbers
-        .iter()
-        .find(|&&n| backing_file(n).is_some_and(|b| b == canonical))
-    {
-        return Ok(Some(LoopDevice::from_number(number)));
+    // One sysfs read per device: on a node with a thousand VEs this scan is
+    // a large part of a start, so the recorded paths are read only once.
+    let recorded = attached_backing_files()?;
+    if let Some((number, _)) = recorded.iter().find(|(_, path)| *path == canonical) {
+        return Ok(Some(LoopDevice::from_number(*number)));
     }
     // The same file reached by another path (a bind mount, a hard link):
     // compare inodes by a stat of each recorded path; only for a path that
@@ -310,16 +364,13 @@ pub fn find_by_backing_file(image: &Path) -> Result<Option<LoopDevice>, LoopErro
     // device: doing that for every device made starts slow on a node with a
     // thousand VEs.
     let identity = Some((meta.dev(), meta.ino()));
-    Ok(numbers
+    Ok(recorded
         .into_iter()
-        .find(|&n| match backing_file(n) {
-            Some(recorded) => match fs::metadata(&recorded) {
-                Ok(m) => Some((m.dev(), m.ino())) == identity,
-                Err(_) => backing_identity(n) == identity,
-            },
-            None => false,
+        .find(|(n, recorded)| match fs::metadata(recorded) {
+            Ok(m) => Some((m.dev(), m.ino())) == identity,
+            Err(_) => backing_identity(*n) == identity,
         })
-        .map(LoopDevice::from_number))
+        .map(|(n, _)| LoopDevice::from_number(n)))
 }
 
 /// Makes the loop device see the new size of its (grown) backing file.

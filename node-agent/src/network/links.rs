@@ -183,6 +183,14 @@ fn default_route_request(gateway: IpAddr, ifindex: u32) -> Message {
 }
 
 /// `ip link del` by index (deleting one end of a veth deletes both).
+/// Sets the MAC address of `ifindex` (to announce its addresses, see
+/// [`super::announce`]).
+pub fn set_mac_request(ifindex: u32, mac: [u8; 6]) -> Message {
+    Message::new(rt::RTM_NEWLINK, 0)
+        .ifinfomsg(0, ifindex, 0, 0)
+        .attr(rt::IFLA_ADDRESS, &mac)
+}
+
 pub fn delete_link_request(ifindex: u32) -> Message {
     Message::new(rt::RTM_DELLINK, 0).ifinfomsg(0, ifindex, 0, 0)
 }

@@ -367,16 +367,7 @@ fn configure_inside(
         .map_err(|error| tracing::warn!(ve = %ve.ve_id, %error, "cannot watch the bridge port"))
         .ok();
     let mac = mac_for_ve(&ve.ve_id);
-    let frames: Vec<Vec<u8>> = ve
-        .ipv4
-        .iter()
-        .map(|&(address, _)| announce::gratuitous_arp(mac, address))
-        .chain(
-            ve.ipv6
-                .iter()
-                .map(|&(address, _)| announce::unsolicited_neighbor_advertisement(mac, address)),
-        )
-        .collect();
+    let (has_ipv4, has_ipv6) = (!ve.ipv4.is_empty(), !ve.ipv6.is_empty());
     let inside = run_in_netns(netns, move || {
         configure()?;
         if let Some((socket, ifindex)) = &port_watch {
@@ -390,10 +381,15 @@ fn configure_inside(
                 }
             }
         }
-        announce::send_frames(VE_IFNAME, &frames).map_err(|source| NetworkError::Announce {
-            ve_id: ve.ve_id.clone(),
-            source,
-        })
+        rtnetlink::RouteSocket::open()
+            .and_then(|socket| {
+                let eth0 = interface_index(VE_IFNAME);
+                announce::announce_addresses(&socket, VE_IFNAME, eth0, mac, has_ipv4, has_ipv6)
+            })
+            .map_err(|source| NetworkError::Announce {
+                ve_id: ve.ve_id.clone(),
+                source,
+            })
     });
     inside.map_err(|source| NetworkError::Netns {
         action: format!("configure network of VE {}", ve.ve_id),
@@ -520,7 +516,7 @@ pub fn bridge_ready(bridge: &str) -> bool {
 }
 
 fn bridge_table_exists(bridge: &str) -> bool {
-    nftables::run(&format!("list table bridge {bridge}")).is_ok()
+    nftables::table_exists(nftables::NFPROTO_BRIDGE, bridge).unwrap_or(false)
 }
 
 /// Whether an interface exists in the calling thread's netns (sysfs would

@@ -130,6 +130,12 @@ impl Message {
         self
     }
 
+    /// `struct nfgenmsg` (netfilter netlink): family, version 0, resource id 0.
+    pub fn nfgenmsg(mut self, family: u8) -> Message {
+        self.bytes.extend_from_slice(&[family, 0, 0, 0]);
+        self
+    }
+
     /// `struct ndmsg`.
     pub fn ndmsg(mut self, family: u8, ifindex: u32, state: u16, flags: u8) -> Message {
         self.bytes.extend_from_slice(&[family, 0, 0, 0]);
@@ -314,14 +320,14 @@ pub struct RouteSocket {
 
 impl RouteSocket {
     pub fn open() -> io::Result<RouteSocket> {
+        RouteSocket::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// A socket of another netlink family (`NETLINK_NETFILTER` for the
+    /// nftables queries that must not go through libnftables' cache).
+    pub fn open_protocol(protocol: libc::c_int) -> io::Result<RouteSocket> {
         // SAFETY: plain socket(2) call; the fd is owned right below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -400,6 +406,15 @@ impl RouteSocket {
                 return Ok(answer);
             }
         }
+    }
+
+    /// Sends one query and returns the first answer to it: the object
+    /// asked for, or an NLMSG_ERROR (see [`parse_ack`]).
+    pub fn query(&self, message: Message) -> io::Result<Vec<u8>> {
+        self.sequence.set(self.sequence.get() + 1);
+        let sequence = self.sequence.get();
+        self.send(&message.finish(sequence))?;
+        self.receive(sequence)
     }
 
     /// Asks the kernel for the bridge port state of `ifindex`.
