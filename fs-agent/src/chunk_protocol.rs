@@ -45,6 +45,10 @@ pub enum ChunkRequest {
     Capacity,
     /// The background scrub's last report.
     ScrubReport,
+    /// Copy this server's replica of `from_chunk_id` (at `from_version`) to the new chunk
+    /// `to_chunk_id` at `version`, locally and fsynced: the copy-on-write of a chunk shared by
+    /// several files, a write of file `file_id` under its lease `epoch`.
+    CopyChunk { file_id: u64, epoch: u64, from_chunk_id: u64, from_version: u64, to_chunk_id: u64, version: u64 },
 }
 
 /// Why a chunk server refused a request; the client decides what each means.

@@ -23,7 +23,7 @@ fn failure(error: ChunkStoreError) -> ChunkFailure {
         ChunkStoreError::Corrupt { block, .. } => ChunkFailure::Corrupt { block, message: text },
         ChunkStoreError::StaleEpoch { .. } => ChunkFailure::StaleEpoch(text),
         ChunkStoreError::VersionMismatch { .. } => ChunkFailure::VersionMismatch(text),
-        ChunkStoreError::OutOfRange { .. } => ChunkFailure::BadRequest(text),
+        ChunkStoreError::OutOfRange { .. } | ChunkStoreError::CopyOntoItself { .. } => ChunkFailure::BadRequest(text),
         ChunkStoreError::Io { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ChunkFailure::NoSpace(text),
         ChunkStoreError::Io { .. } => ChunkFailure::Io(text),
     }
@@ -49,6 +49,9 @@ pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
         ChunkRequest::Digest { chunk_id, version } => store.content_digest(chunk_id, version).map(|(digest, len)| ChunkResponse::Digest { digest, len }),
         ChunkRequest::ScrubReport => Ok(ChunkResponse::Scrub(store.scrub_report())),
         ChunkRequest::Capacity => store.capacity().map(|(free, total)| ChunkResponse::Capacity { free, total }),
+        ChunkRequest::CopyChunk { file_id, epoch, from_chunk_id, from_version, to_chunk_id, version } => {
+            store.copy_chunk(file_id, epoch, from_chunk_id, from_version, to_chunk_id, version).map(|()| ChunkResponse::Done)
+        }
     };
     result.unwrap_or_else(|e| {
         tracing::warn!("request refused: {e}");

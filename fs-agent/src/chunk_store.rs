@@ -29,6 +29,8 @@ pub enum ChunkStoreError {
     VersionMismatch { chunk_id: u64, local: u64, expected: u64 },
     #[error("chunk {chunk_id:016x}: range {offset}+{len} exceeds the chunk size {chunk_size}")]
     OutOfRange { chunk_id: u64, offset: u64, len: u64, chunk_size: u64 },
+    #[error("chunk {chunk_id:016x}: cannot copy a chunk onto itself")]
+    CopyOntoItself { chunk_id: u64 },
     #[error("chunk store {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -324,6 +326,54 @@ impl ChunkStore {
             write_durably(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
         }
         Ok(())
+    }
+
+    /// Copies replica `from` (which must be at `from_version`) to the new chunk `to` at
+    /// `version`, under lease `epoch` of `file_id`, the file `to` belongs to: the copy-on-write
+    /// of a chunk shared by several files. Every block is checked against its crc on the way and
+    /// holes stay holes. The copy is fsynced before its version is written, so after a crash
+    /// `to` is either absent (version 0, never read) or complete. An earlier copy to `to`
+    /// (a retried request) is replaced.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_chunk(&self, file_id: u64, epoch: u64, from: u64, from_version: u64, to: u64, version: u64) -> Result<(), ChunkStoreError> {
+        if from == to {
+            return Err(ChunkStoreError::CopyOntoItself { chunk_id: from });
+        }
+        self.check_epoch(file_id, epoch)?;
+        // Two chunk locks, always taken in id order.
+        let (first, second) = (self.lock_chunk(from.min(to)), self.lock_chunk(from.max(to)));
+        let _first = first.lock().expect("chunk lock");
+        let _second = second.lock().expect("chunk lock");
+        let local = self.version(from)?;
+        if local != from_version {
+            return Err(ChunkStoreError::VersionMismatch { chunk_id: from, local, expected: from_version });
+        }
+        let (to_data_path, to_crc_path) = (self.path(to, "data"), self.path(to, "crc"));
+        let to_data = File::create(&to_data_path).map_err(io_at(&to_data_path))?;
+        let mut crcs = Vec::new();
+        let from_data_path = self.path(from, "data");
+        match File::open(&from_data_path) {
+            Ok(from_data) => {
+                let from_crc_path = self.path(from, "crc");
+                let from_crc = File::open(&from_crc_path).map_err(io_at(&from_crc_path))?;
+                let file_len = from_data.metadata().map_err(io_at(&from_data_path))?.len();
+                for block in 0..file_len.div_ceil(BLOCK_SIZE) {
+                    let buf = self.read_block(from, &from_data, &from_crc, block, file_len)?;
+                    if buf.iter().any(|b| *b != 0) {
+                        to_data.write_all_at(&buf, block * BLOCK_SIZE).map_err(io_at(&to_data_path))?;
+                    }
+                    crcs.extend_from_slice(&block_crc(&buf).to_le_bytes());
+                }
+                to_data.set_len(file_len).map_err(io_at(&to_data_path))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(&from_data_path)(e)),
+        }
+        let mut to_crc = File::create(&to_crc_path).map_err(io_at(&to_crc_path))?;
+        to_crc.write_all(&crcs).map_err(io_at(&to_crc_path))?;
+        to_data.sync_data().map_err(io_at(&to_data_path))?;
+        to_crc.sync_data().map_err(io_at(&to_crc_path))?;
+        write_durably(&self.path(to, "version"), version.to_string().as_bytes())
     }
 
     /// Rewrites `block` of the chunk with `data` (a good replica's copy of the same version),
@@ -624,6 +674,33 @@ mod tests {
         store.write(1, 1, 21, 1, 5, &[4u8], false).unwrap();
         assert_ne!(store.content_digest(20, 1).unwrap().0, store.content_digest(21, 1).unwrap().0);
         assert_eq!(store.content_digest(22, 0).unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn a_copied_chunk_has_the_same_bytes_and_stays_sparse() {
+        let (dir, store) = store();
+        store.write(1, 1, 30, 3, 0, &[8u8; 1000], false).unwrap();
+        store.write(1, 1, 30, 3, 3 * BLOCK_SIZE, &[9u8; 10], false).unwrap();
+        assert!(matches!(store.copy_chunk(2, 1, 30, 2, 31, 1), Err(ChunkStoreError::VersionMismatch { .. })));
+        store.copy_chunk(2, 1, 30, 3, 31, 1).unwrap();
+        assert_eq!(store.version(31).unwrap(), 1);
+        assert_eq!(store.read(31, 1, 0, 4 * BLOCK_SIZE).unwrap(), store.read(30, 3, 0, 4 * BLOCK_SIZE).unwrap());
+        assert_eq!(store.content_digest(31, 1).unwrap().0, store.content_digest(30, 3).unwrap().0);
+        use std::os::unix::fs::MetadataExt;
+        let allocated = fs::metadata(ChunkStore::data_path(dir.path(), 31)).unwrap().blocks() * 512;
+        assert!(allocated <= 2 * BLOCK_SIZE, "the holes between the blocks stay holes: {allocated}");
+        // Writing the copy leaves the original alone.
+        store.write(2, 1, 31, 1, 0, b"changed", false).unwrap();
+        assert_eq!(store.read(30, 3, 0, 7).unwrap(), [8u8; 7]);
+        // The copy is a write of file 2: its fenced writers cannot make one.
+        store.check_epoch(2, 5).unwrap();
+        assert!(matches!(store.copy_chunk(2, 4, 30, 3, 32, 1), Err(ChunkStoreError::StaleEpoch { .. })));
+        assert_eq!(store.version(32).unwrap(), 0);
+        // A corrupt block fails the copy rather than spreading.
+        let f = OpenOptions::new().write(true).open(ChunkStore::data_path(dir.path(), 30)).unwrap();
+        f.write_all_at(&[0u8], 10).unwrap();
+        assert!(matches!(store.copy_chunk(2, 5, 30, 3, 33, 1), Err(ChunkStoreError::Corrupt { .. })));
+        assert_eq!(store.version(33).unwrap(), 0);
     }
 
     #[test]

@@ -143,29 +143,86 @@ impl FileData {
         fanout
     }
 
-    /// The chunk record for writing `index` of the leased file, allocating the chunk if new.
-    fn chunk_for_write(&self, lease: &HeldLease, copies: u32, index: u64) -> Result<(ChunkInfo, u64), DataError> {
+    /// The record of chunk `index` of the leased file, for changing it: a chunk shared with
+    /// clones is copied first (copy-on-write), so the record returned is this file's alone.
+    /// A hole gets a new chunk with `allocate` copies, or is `None` without `allocate`.
+    fn exclusive_chunk(&self, lease: &HeldLease, index: u64, allocate: Option<u32>) -> Result<Option<(ChunkInfo, u64)>, DataError> {
+        // The cache holds exclusive records only. One stays exclusive while we hold the lease:
+        // only a clone of this file could share it, and a clone needs the lease.
         if let Some(cached) = self.leased_chunks.lock().expect("chunk cache").get(&(lease.ino, index)) {
-            return Ok(cached.clone());
+            return Ok(Some(cached.clone()));
         }
-        let found = match self.namespace.chunk(lease.ino, index)? {
-            Some(found) => found,
-            None => {
-                let chunk_id: u64 = rand::random();
-                let placed = place_replicas(&self.placement_candidates(copies)?, copies as usize, chunk_id);
-                if placed.len() < self.min_copies {
-                    return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies });
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let found = match self.namespace.chunk(lease.ino, index)? {
+                Some((chunk, revision)) => {
+                    if self.namespace.shared_chunk(chunk.chunk_id)?.is_none() {
+                        (chunk, revision)
+                    } else {
+                        match self.copy_on_write(lease, index, &chunk, revision)? {
+                            Some(copied) => copied,
+                            None => continue,
+                        }
+                    }
                 }
-                let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
-                match self.namespace.put_chunk(lease, index, &chunk, 0)? {
-                    Some(rev) => (chunk, rev),
-                    // Another thread of this client allocated it first.
-                    None => self.namespace.chunk(lease.ino, index)?.ok_or_else(|| NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) })?,
+                None => {
+                    let Some(copies) = allocate else { return Ok(None) };
+                    let chunk_id: u64 = rand::random();
+                    let placed = place_replicas(&self.placement_candidates(copies)?, copies as usize, chunk_id);
+                    if placed.len() < self.min_copies {
+                        return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies });
+                    }
+                    let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
+                    match self.namespace.put_chunk(lease, index, &chunk, 0)? {
+                        Some(rev) => (chunk, rev),
+                        // Another thread of this client allocated it first.
+                        None => continue,
+                    }
                 }
+            };
+            self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), found.clone());
+            return Ok(Some(found));
+        }
+        Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into())
+    }
+
+    /// Gives chunk `index` of the leased file its own copy of the shared `chunk`: each current
+    /// replica server copies it locally to a new chunk id (under this file's epoch, so a fenced
+    /// writer cannot), then the record moves to the copy and the shared chunk loses this
+    /// reference, conditioned on the lease and the record. `None`: the record or the sharing
+    /// changed meanwhile; the copy is deleted and the caller looks again.
+    fn copy_on_write(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, revision: u64) -> Result<Option<(ChunkInfo, u64)>, DataError> {
+        let servers = chunk.current_servers();
+        if servers.is_empty() {
+            return Err(DataError::NoReadableReplica { ino: lease.ino, index, failures: "no current replica to copy the shared chunk from".into() });
+        }
+        let copy_id: u64 = rand::random();
+        let request = ChunkRequest::CopyChunk { file_id: lease.ino, epoch: lease.epoch, from_chunk_id: chunk.chunk_id, from_version: chunk.version, to_chunk_id: copy_id, version: 1 };
+        let fanout = self.fanout(&servers, &request);
+        let copy = ChunkInfo { chunk_id: copy_id, version: 1, replicas: fanout.succeeded.iter().map(|server| Replica { server: server.clone(), version: 1 }).collect() };
+        let discard = |copy: &ChunkInfo| self.delete_replicas(std::slice::from_ref(copy));
+        if let Some(server) = fanout.fenced_by() {
+            discard(&copy);
+            self.forget_file(lease.ino);
+            return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
+        }
+        if fanout.succeeded.len() < self.min_copies {
+            discard(&copy);
+            // A heal or a stale-marking of the shared chunk meanwhile moves its version on.
+            if self.namespace.chunk(lease.ino, index)?.is_some_and(|(_, now)| now != revision) {
+                return Ok(None);
             }
-        };
-        self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), found.clone());
-        Ok(found)
+            return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
+        }
+        match self.namespace.unshare_chunk(lease, index, &copy, revision, chunk.chunk_id)? {
+            Some(new_revision) => {
+                tracing::debug!(ino = lease.ino, index, from = chunk.chunk_id, to = copy_id, "copied a shared chunk before writing it");
+                Ok(Some((copy, new_revision)))
+            }
+            None => {
+                discard(&copy);
+                Ok(None)
+            }
+        }
     }
 
     /// Servers a new chunk may go to: those that answer and have room for a whole chunk; if
@@ -207,12 +264,13 @@ impl FileData {
     /// Returns `Ok(false)` if the chunk record changed meanwhile (the caller retries).
     fn drop_failed_replicas(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, revision: u64, fanout: &Fanout) -> Result<bool, DataError> {
         let after = chunk.after_partial_write(&fanout.succeeded);
-        let Some(new_revision) = self.namespace.put_chunk(lease, index, &after, revision)? else {
-            self.forget_cached(lease.ino, index);
+        // A chunk shared with clones moves on in every file's record at once.
+        let recorded = self.namespace.put_chunk_everywhere(lease, index, &after, revision)?;
+        self.forget_cached(lease.ino, index);
+        if recorded.is_none() {
             return Ok(false);
-        };
+        }
         tracing::warn!(ino = lease.ino, index, stale = ?fanout.failures.iter().map(|(s, _)| s).collect::<Vec<_>>(), version = after.version, "replicas marked stale");
-        self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), (after.clone(), new_revision));
         // A zero-length write moves a replica to the new version. One that misses this bump
         // stays behind the record and the servers refuse to serve it: safe, just one fewer copy.
         let bump = ChunkRequest::Write { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: after.version, offset: 0, data: vec![], sync: false };
@@ -277,13 +335,7 @@ impl FileData {
     /// chunk with `allocate` copies if it is new), with the write path's failure handling.
     fn update_replicas(&self, lease: &HeldLease, index: u64, make_request: impl Fn(&ChunkInfo) -> ChunkRequest, allocate: Option<u32>) -> Result<(), DataError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let (chunk, revision) = match allocate {
-                Some(copies) => self.chunk_for_write(lease, copies, index)?,
-                None => match self.cached_or_stored(lease, index)? {
-                    Some(found) => found,
-                    None => return Ok(()),
-                },
-            };
+            let Some((chunk, revision)) = self.exclusive_chunk(lease, index, allocate)? else { return Ok(()) };
             let current = chunk.current_servers();
             let request = make_request(&chunk);
             let fanout = self.fanout(&current, &request);
@@ -426,7 +478,7 @@ impl FileData {
         if new_size % self.chunk_size != 0 {
             let index = new_size / self.chunk_size;
             for _ in 0..MAX_CONFLICT_RETRIES {
-                let Some((chunk, revision)) = self.cached_or_stored(lease, index)? else { break };
+                let Some((chunk, revision)) = self.exclusive_chunk(lease, index, None)? else { break };
                 let request = ChunkRequest::Truncate { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: chunk.version, len: new_size % self.chunk_size };
                 let fanout = self.fanout(&chunk.current_servers(), &request);
                 if let Some(server) = fanout.fenced_by() {
@@ -523,9 +575,11 @@ impl FileData {
         let mut outcome = HealOutcome::default();
         let servers = self.namespace.servers()?;
         let up: Vec<String> = servers.into_iter().filter(|s| matches!(self.chunks.call(s, &ChunkRequest::Capacity), Ok(ChunkResponse::Capacity { .. }))).collect();
+        // A chunk this file points at twice is healed once: that changes both records.
+        let mut healed_ids = std::collections::HashSet::new();
         for (index, chunk, revision) in self.namespace.chunks(lease.ino)? {
             let current = chunk.current_servers();
-            if only.is_some_and(|i| i != index) || (current.len() >= copies as usize && current.len() == chunk.replicas.len()) {
+            if only.is_some_and(|i| i != index) || (current.len() >= copies as usize && current.len() == chunk.replicas.len()) || !healed_ids.insert(chunk.chunk_id) {
                 continue;
             }
             let Some(source) = current.first().cloned() else {
@@ -553,7 +607,8 @@ impl FileData {
             }];
             let mut healed = ChunkInfo { chunk_id: chunk.chunk_id, version: chunk.version, replicas: vec![] };
             healed.replicas = current.iter().chain(added.iter()).map(|server| Replica { server: server.clone(), version: chunk.version }).collect();
-            if self.namespace.put_chunk(lease, index, &healed, revision)?.is_none() {
+            // A shared chunk is healed once for every file sharing it: all their records change.
+            if self.namespace.put_chunk_everywhere(lease, index, &healed, revision)?.is_none() {
                 return Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into());
             }
             self.delete_replicas(&stale);

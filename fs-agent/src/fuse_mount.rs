@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyLock, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::chunk_protocol::{ChunkRequest, ChunkResponse};
 use crate::file_data::{DataError, FileData};
-use crate::namespace::{AttrChanges, HeldLease, Inode, InodeKind, NamespaceError, Removed, Timestamp, XattrMode};
+use crate::namespace::{AttrChanges, HeldLease, Inode, InodeKind, NamespaceError, Removed, Timestamp, XattrMode, MAX_CHUNKS_PER_COMMIT};
 
 /// How long the kernel may cache attributes and entries: short, since other nodes change them.
 const ATTR_TTL: Duration = Duration::from_secs(1);
@@ -298,6 +298,107 @@ impl SharedFs {
                 Err(data_err(e))
             }
         }
+    }
+
+    /// `copy_file_range` as a copy-on-write clone where it can be one: whole chunks at chunk
+    /// boundaries of both files (the last one may end where the source ends), into a range of
+    /// the target that holds no chunks. `None`: not such a range, or the source is being
+    /// written on another node; the kernel then copies the bytes itself.
+    #[allow(clippy::too_many_arguments)]
+    fn clone_range(&self, ino_in: u64, fh_in: u64, offset_in: u64, ino_out: u64, fh_out: u64, offset_out: u64, len: u64) -> Result<Option<u64>, Errno> {
+        {
+            let handles = self.handles.lock().expect("handles");
+            let readable = handles.get(&fh_in).is_some_and(|h| h.ino == ino_in);
+            let writable = handles.get(&fh_out).is_some_and(|h| h.ino == ino_out && h.writable);
+            if !readable || !writable {
+                return Err(Errno::EBADF);
+            }
+        }
+        // The kernel asks for at most this much at once: the answer is a u32.
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        let chunk_size = self.data.chunk_size();
+        if ino_in == ino_out || !offset_in.is_multiple_of(chunk_size) || !offset_out.is_multiple_of(chunk_size) {
+            return Ok(None);
+        }
+        let (source, target) = (self.open_file(ino_in), self.open_file(ino_out));
+        let result = {
+            // Two files' states: always locked in inode order.
+            let (first, second) = if ino_in < ino_out { (&source, &target) } else { (&target, &source) };
+            let (first, second) = (first.lock().expect("open file"), second.lock().expect("open file"));
+            let (mut source_state, mut target_state) = if ino_in < ino_out { (first, second) } else { (second, first) };
+            self.clone_range_locked(&mut source_state, &mut target_state, ino_in, offset_in, offset_out, len)
+        };
+        drop(source);
+        drop(target);
+        self.drop_if_unused(ino_in);
+        self.drop_if_unused(ino_out);
+        result
+    }
+
+    fn clone_range_locked(&self, source: &mut OpenFile, target: &mut OpenFile, ino_in: u64, offset_in: u64, offset_out: u64, len: u64) -> Result<Option<u64>, Errno> {
+        let Some(target_lease) = target.lease else { return Err(Errno::EBADF) };
+        if target.fenced {
+            return Err(Errno::EIO);
+        }
+        // The source must not be written meanwhile: this mount's own lease (its size flushed
+        // first), or a lease taken for the clone.
+        let (source_lease, source_size, temporary) = match source.lease {
+            Some(_) if source.fenced => return Ok(None),
+            Some(lease) => {
+                self.commit_size(source)?;
+                (lease, source.size, false)
+            }
+            None => match self.data.namespace().acquire_lease(ino_in, &self.holder, false) {
+                Ok(lease) => match self.data.namespace().inode(ino_in) {
+                    Ok(inode) => (lease, inode.size, true),
+                    Err(e) => {
+                        let _ = self.data.namespace().release_lease(&lease);
+                        return Err(ns_err(e));
+                    }
+                },
+                Err(NamespaceError::LeaseBusy { .. }) => return Ok(None),
+                Err(e) => return Err(ns_err(e)),
+            },
+        };
+        let chunk_size = self.data.chunk_size();
+        let plan = (offset_in < source_size).then(|| {
+            let end = source_size.min(offset_in.saturating_add(len));
+            let whole = (end - offset_in) / chunk_size;
+            if whole as usize >= MAX_CHUNKS_PER_COMMIT {
+                (MAX_CHUNKS_PER_COMMIT as u64, MAX_CHUNKS_PER_COMMIT as u64 * chunk_size)
+            } else if end == source_size && !(end - offset_in).is_multiple_of(chunk_size) && offset_out + (end - offset_in) >= target.size {
+                // The source's last, partial chunk, when no byte of the target follows it.
+                (whole + 1, end - offset_in)
+            } else {
+                (whole, whole * chunk_size)
+            }
+        });
+        let result = match plan {
+            Some((count, bytes)) if count > 0 => {
+                match self.data.namespace().share_chunks(&source_lease, offset_in / chunk_size, count, &target_lease, offset_out / chunk_size) {
+                    Ok(true) => Ok(Some((count, bytes))),
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(ns_err(e)),
+                }
+            }
+            _ => Ok(None),
+        };
+        // Cached records of the source may be shared now: its next writes must look again.
+        self.data.forget_file(ino_in);
+        if temporary {
+            let _ = self.data.namespace().release_lease(&source_lease);
+        }
+        let Some((count, bytes)) = result? else { return Ok(None) };
+        tracing::info!(from = ino_in, to = target_lease.ino, chunks = count, bytes, "cloned chunks (copy-on-write)");
+        let first = offset_out / chunk_size;
+        // The shared chunks may not be on disk yet: the target's fsync syncs them.
+        target.dirty_chunks.extend(first..first + count);
+        if offset_out + bytes > target.size {
+            target.size = offset_out + bytes;
+            target.size_dirty = true;
+            self.commit_size(target)?;
+        }
+        Ok(Some(bytes))
     }
 
     /// Takes or releases a byte-range lock; `Err(LockConflict)` if another owner holds it.
@@ -670,6 +771,31 @@ impl fuser::Filesystem for SharedFs {
             }
         }
         reply.ok()
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        if !flags.is_empty() {
+            return reply.error(Errno::EINVAL);
+        }
+        match self.clone_range(ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len) {
+            // At most the kernel's request, which fits in a u32.
+            Ok(Some(bytes)) => reply.written(bytes as u32),
+            // The kernel falls back to copying the bytes through read and write.
+            Ok(None) => reply.error(Errno::EOPNOTSUPP),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, position: u32, reply: ReplyEmpty) {

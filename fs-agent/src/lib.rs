@@ -3,7 +3,8 @@
 //! - [`chunk_store`]: chunk replicas as local files, crc32c per block, fencing epochs;
 //! - [`chunk_protocol`], [`chunk_server`], [`chunk_client`]: the chunk server over TCP;
 //! - [`metadata_store`]: the narrow interface to the metadata store (the Raft cluster store);
-//! - [`namespace`]: inodes, directories, chunk map, write leases on that store;
+//! - [`namespace`]: inodes, directories, chunk map and its sharing by clones, write leases on
+//!   that store;
 //! - [`placement`]: where replicas go;
 //! - [`file_data`]: the replicated read, write and fencing paths;
 //! - [`fuse_mount`]: the FUSE filesystem;

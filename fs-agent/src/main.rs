@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use fs_agent::file_data::{FileData, DEFAULT_CHUNK_SIZE};
 use fs_agent::fuse_mount::{self, SharedFs};
 use fs_agent::metadata_store::ClusterMetadata;
-use fs_agent::namespace::{resolve_path, FsConfig, Namespace};
+use fs_agent::namespace::{resolve_path, FsConfig, Inode, InodeKind, Namespace};
 
 #[derive(Parser)]
 #[command(name = "fs-agent", about = "Shared replicated filesystem: chunk server and FUSE mount")]
@@ -89,6 +89,14 @@ enum Cmd {
         #[arg(long, env = "FS_AGENT_META")]
         meta: String,
     },
+    /// Clone the file SRC to the new file DST (paths from the filesystem root), copy-on-write:
+    /// DST shares SRC's chunks until either file writes them. SRC must not be open for writing.
+    Clone {
+        #[arg(long, env = "FS_AGENT_META")]
+        meta: String,
+        src: String,
+        dst: String,
+    },
     /// Set how many copies PATH keeps (a directory: what new files in it inherit).
     SetCopies {
         #[arg(long, env = "FS_AGENT_META")]
@@ -125,6 +133,28 @@ fn namespace(meta: &str, ca: Option<&PathBuf>) -> Result<Arc<Namespace>> {
     let ca_pem = ca.map(|path| std::fs::read_to_string(path).with_context(|| format!("cannot read the cluster CA {}", path.display()))).transpose()?;
     let store = ClusterMetadata::connect(endpoints(meta), ca_pem).context("cannot reach the metadata store")?;
     Ok(Arc::new(Namespace::new(Arc::new(store))))
+}
+
+/// `fs-agent clone`: takes SRC's write lease for the clone (refused while another writer
+/// holds it), so SRC cannot change meanwhile.
+fn clone(ns: &Namespace, src: &str, dst: &str) -> Result<Inode> {
+    let source = resolve_path(ns, src).with_context(|| format!("cannot clone {src}"))?;
+    if source.kind != InodeKind::File {
+        let what = if source.kind == InodeKind::Directory { "a directory" } else { "a symlink" };
+        bail!("cannot clone {src}: it is {what}; only regular files are cloned");
+    }
+    let (parent_path, name) = match dst.trim_end_matches('/').rsplit_once('/') {
+        Some((parent, name)) if !name.is_empty() => (parent, name),
+        _ => bail!("cannot clone to {dst:?}: give the new file's path from the filesystem root, such as /ves/web1/disk.img"),
+    };
+    let parent = resolve_path(ns, parent_path).with_context(|| format!("cannot clone to {dst}"))?;
+    let holder = format!("clone-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let lease = ns.acquire_lease(source.ino, &holder, false).with_context(|| format!("cannot clone {src}"))?;
+    let cloned = ns.clone_file(&lease, parent.ino, name);
+    if let Err(e) = ns.release_lease(&lease) {
+        tracing::warn!("cannot release the write lease of {src}: {e}");
+    }
+    cloned.with_context(|| format!("cannot clone {src} to {dst}"))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -204,6 +234,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("healed: {copied} replicas copied; {short} chunks still under-replicated; {unavailable} chunks unavailable; {skipped} files skipped (being written)");
         }
+        Cmd::Clone { meta, src, dst } => {
+            let ns = namespace(&meta, ca)?;
+            let inode = clone(&ns, &src, &dst)?;
+            println!("{dst}: cloned from {src} (inode {}, {} bytes, {} chunks shared)", inode.ino, inode.size, ns.chunks(inode.ino)?.len());
+        }
         Cmd::SetCopies { meta, path, copies } => {
             let ns = namespace(&meta, ca)?;
             let inode = resolve_path(&ns, &path)?;
@@ -214,10 +249,13 @@ fn run(cli: Cli) -> Result<()> {
             let ns = namespace(&meta, ca)?;
             let inode = resolve_path(&ns, &path)?;
             println!("{path}: inode {} size {} copies {}", inode.ino, inode.size, inode.replicas);
-            for (index, chunk, _) in ns.chunks(inode.ino)? {
+            let chunks = ns.chunks(inode.ino)?;
+            let shared = ns.shared_chunks(&chunks.iter().map(|(_, c, _)| c.chunk_id).collect::<Vec<_>>())?;
+            for (index, chunk, _) in chunks {
                 let replicas: Vec<String> =
                     chunk.replicas.iter().map(|r| format!("{}{}", r.server, if r.version == chunk.version { "" } else { " (stale)" })).collect();
-                println!("  chunk {index} id {:016x} version {}: {}", chunk.chunk_id, chunk.version, replicas.join(", "));
+                let sharing = shared.get(&chunk.chunk_id).map(|(s, _)| format!(" (shared by {} chunk records)", s.owners.len())).unwrap_or_default();
+                println!("  chunk {index} id {:016x} version {}{sharing}: {}", chunk.chunk_id, chunk.version, replicas.join(", "));
             }
         }
         Cmd::MetaServer { data_dir, client_addr, peer_addr, ca_dir } => {

@@ -68,6 +68,11 @@ impl MetadataStore for MemoryMetadata {
     }
 
     fn commit(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<bool, MetadataError> {
+        // The cluster store's limit, so unit tests catch a commit it would refuse.
+        let count = conditions.len() + mutations.len();
+        if count > cluster::state_machine::MAX_TXN_OPS {
+            return Err(MetadataError::Refused(format!("transaction has {count} operations, the limit is {}", cluster::state_machine::MAX_TXN_OPS)));
+        }
         let mut state = self.state.lock().expect("memory metadata");
         let holds = conditions.iter().all(|c| state.1.get(&c.key).map(|v| v.revision).unwrap_or(0) == c.revision);
         if !holds {

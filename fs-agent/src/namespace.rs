@@ -7,11 +7,14 @@
 //! - `/fs/dirents/<parent ino>/<name>`: [`DirEntry`] (JSON)
 //! - `/fs/chunks/<ino>/<chunk index>`: [`ChunkInfo`] (JSON)
 //! - `/fs/leases/<ino>`: [`WriteLease`] (JSON)
+//! - `/fs/shared/<chunk id>`: [`SharedChunk`] (JSON), the chunk records of a chunk shared by
+//!   several files after a clone; absent for a chunk only one record points at
 //! - `/fs/next_ino`: the next inode number (decimal)
 //! - `/fs/servers/<addr>`: a registered chunk server
 //!
 //! Numbers in keys are 16 hex digits so keys sort numerically.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +26,9 @@ pub const ROOT_INO: u64 = 1;
 /// Longest name of a directory entry, in bytes (as Linux's NAME_MAX).
 pub const NAME_MAX: usize = 255;
 const MAX_RETRIES: usize = 64;
+/// Most chunk records one commit adds or drops: each costs up to five operations (record and
+/// sharing record, changed and conditioned), and the store takes 1024 per transaction.
+pub const MAX_CHUNKS_PER_COMMIT: usize = 150;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
@@ -199,6 +205,83 @@ pub struct HeldLease {
     pub revision: u64,
 }
 
+/// A chunk record: chunk `index` of file `ino`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkOwner {
+    pub ino: u64,
+    pub index: u64,
+}
+
+/// The chunk records pointing at a chunk that several files share (copy-on-write clones).
+/// It exists only while two or more records do: a chunk without one belongs to one record,
+/// which may write it in place and deletes it when it lets go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedChunk {
+    pub owners: Vec<ChunkOwner>,
+}
+
+/// Reference changes to chunks gathered for one commit: each chunk's sharing record is read
+/// once, changed in memory, then written (or deleted) once, and the commit is conditioned on
+/// the revision read (0: absent, so a clone sharing the chunk meanwhile makes it retry).
+#[derive(Debug, Default)]
+struct SharingChanges {
+    /// Chunk id → (revision read; its records now, `None` while untouched and unshared).
+    chunks: BTreeMap<u64, (u64, Option<Vec<ChunkOwner>>)>,
+}
+
+impl SharingChanges {
+    fn load(&mut self, ns: &Namespace, chunk_ids: impl IntoIterator<Item = u64>) -> Result<(), NamespaceError> {
+        let missing: Vec<u64> = chunk_ids.into_iter().filter(|id| !self.chunks.contains_key(id)).collect();
+        let mut found = ns.shared_chunks(&missing)?;
+        for id in missing {
+            let entry = found.remove(&id).map(|(shared, rev)| (rev, Some(shared.owners))).unwrap_or((0, None));
+            self.chunks.insert(id, entry);
+        }
+        Ok(())
+    }
+
+    fn is_shared(&self, chunk_id: u64) -> bool {
+        matches!(self.chunks.get(&chunk_id), Some((_, Some(owners))) if owners.len() > 1)
+    }
+
+    /// `new` points at the chunk that `holder` points at, too.
+    fn add_reference(&mut self, chunk_id: u64, holder: ChunkOwner, new: ChunkOwner) {
+        let (_, owners) = self.chunks.entry(chunk_id).or_insert((0, None));
+        owners.get_or_insert_with(|| vec![holder]).push(new);
+    }
+
+    /// `owner` no longer points at the chunk. Returns whether that was its last record: its
+    /// replicas are deleted once the commit went through.
+    fn drop_reference(&mut self, chunk_id: u64, owner: ChunkOwner) -> Result<bool, NamespaceError> {
+        let (_, owners) = self.chunks.entry(chunk_id).or_insert((0, None));
+        match owners {
+            None => {
+                *owners = Some(Vec::new());
+                Ok(true)
+            }
+            Some(list) => {
+                let Some(position) = list.iter().position(|o| *o == owner) else {
+                    let reason = format!("does not list chunk {} of inode {} which points at it", owner.index, owner.ino);
+                    return Err(MetadataError::Malformed { key: shared_key(chunk_id), reason }.into());
+                };
+                list.remove(position);
+                Ok(list.is_empty())
+            }
+        }
+    }
+
+    fn finish(self, conditions: &mut Vec<Condition>, mutations: &mut Vec<Mutation>) {
+        for (chunk_id, (revision, owners)) in self.chunks {
+            conditions.push(cond(shared_key(chunk_id), revision));
+            match owners {
+                Some(owners) if owners.len() > 1 => mutations.push(put(shared_key(chunk_id), &SharedChunk { owners })),
+                Some(_) if revision != 0 => mutations.push(Mutation::Delete { key: shared_key(chunk_id) }),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Attribute changes of a setattr (size is handled by the data path: it needs the lease).
 #[derive(Debug, Clone, Default)]
 pub struct AttrChanges {
@@ -247,6 +330,11 @@ pub fn locks_key(ino: u64) -> String {
     format!("/fs/locks/{ino:016x}")
 }
 pub const LOCKS_PREFIX: &str = "/fs/locks/";
+
+pub fn shared_key(chunk_id: u64) -> String {
+    format!("/fs/shared/{chunk_id:016x}")
+}
+pub const SHARED_PREFIX: &str = "/fs/shared/";
 
 pub fn lease_key(ino: u64) -> String {
     format!("/fs/leases/{ino:016x}")
@@ -309,8 +397,12 @@ fn retry<T>(what: &str, mut attempt: impl FnMut() -> Result<Option<T>, Namespace
 /// What removing a name left to clean up on the chunk servers.
 #[derive(Debug, Default)]
 pub struct Removed {
-    /// Chunks of an inode whose last link went away.
+    /// Chunks no file points at any more (an inode whose last link went away held the last
+    /// reference): delete their replicas.
     pub chunks: Vec<ChunkInfo>,
+    /// An inode with too many chunks for one commit, left as an orphan by the removal and
+    /// deleted in steps after it.
+    unfinished: Option<u64>,
 }
 
 /// Resolves an absolute path (from the filesystem root) to its inode, without following symlinks.
@@ -411,6 +503,13 @@ impl Namespace {
             .collect()
     }
 
+    /// The inode number a new inode takes, and the revision of the counter.
+    fn next_ino(&self) -> Result<(u64, u64), NamespaceError> {
+        let next = self.store.get(NEXT_INO_KEY)?.ok_or_else(|| NamespaceError::NotFound { what: "the filesystem (run mount once to create it)".into() })?;
+        let ino = String::from_utf8_lossy(&next.value).parse().map_err(|_| MetadataError::Malformed { key: NEXT_INO_KEY.into(), reason: "not a number".into() })?;
+        Ok((ino, next.revision))
+    }
+
     /// Creates a file, directory or symlink `name` in `parent`.
     #[allow(clippy::too_many_arguments)]
     pub fn create(&self, parent: u64, name: &str, kind: InodeKind, mode: u32, uid: u32, gid: u32, symlink_target: Option<String>) -> Result<Inode, NamespaceError> {
@@ -423,8 +522,7 @@ impl Namespace {
             if self.entry(parent, name)?.is_some() {
                 return Err(NamespaceError::Exists { parent, name: name.to_string() });
             }
-            let next = self.store.get(NEXT_INO_KEY)?.ok_or_else(|| NamespaceError::NotFound { what: "the filesystem (run mount once to create it)".into() })?;
-            let ino: u64 = String::from_utf8_lossy(&next.value).parse().map_err(|_| MetadataError::Malformed { key: NEXT_INO_KEY.into(), reason: "not a number".into() })?;
+            let (ino, next_rev) = self.next_ino()?;
             let now = Timestamp::now();
             let inode = Inode {
                 ino,
@@ -447,7 +545,7 @@ impl Namespace {
                 dir.nlink += 1;
             }
             let committed = self.store.commit(
-                &[cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0), cond(NEXT_INO_KEY.into(), next.revision)],
+                &[cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0), cond(NEXT_INO_KEY.into(), next_rev)],
                 &[
                     Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
                     put(inode_key(ino), &inode),
@@ -484,36 +582,91 @@ impl Namespace {
         })
     }
 
-    /// The mutations that drop one link of `inode` (deleting it and its chunks at zero).
-    /// `keep_open(ino)`: the caller still has the file open, so its last link going away
-    /// leaves an orphan (nlink 0, data kept) for [`Namespace::remove_orphan`] at last close.
-    fn unlink_mutations(&self, inode: &Inode, now: Timestamp, removed: &mut Removed, keep_open: &dyn Fn(u64) -> bool) -> Result<Vec<Mutation>, NamespaceError> {
+    /// Adds to a commit what dropping one link of `inode` changes: at its last link, the inode
+    /// goes with its chunk records, and the chunks nobody else points at are listed in
+    /// `removed` for deletion. `keep_open(ino)`: the caller still has the file open, so its last
+    /// link going away leaves an orphan (nlink 0, data kept) for [`Namespace::remove_orphan`] at
+    /// last close. A file with more chunks than one commit takes becomes an orphan too, which
+    /// [`Namespace::finish_removal`] then deletes in steps.
+    #[allow(clippy::too_many_arguments)]
+    fn unlink_changes(
+        &self,
+        inode: &Inode,
+        now: Timestamp,
+        removed: &mut Removed,
+        keep_open: &dyn Fn(u64) -> bool,
+        conditions: &mut Vec<Condition>,
+        mutations: &mut Vec<Mutation>,
+    ) -> Result<(), NamespaceError> {
         let last_link = inode.kind == InodeKind::Directory || inode.nlink <= 1;
-        if last_link && inode.kind == InodeKind::File && keep_open(inode.ino) {
+        let orphan = || {
             let mut orphan = inode.clone();
             orphan.nlink = 0;
             orphan.ctime = now;
-            return Ok(vec![put(inode_key(inode.ino), &orphan)]);
+            put(inode_key(inode.ino), &orphan)
+        };
+        if last_link && inode.kind == InodeKind::File && keep_open(inode.ino) {
+            mutations.push(orphan());
+            return Ok(());
         }
         if !last_link {
             let mut inode = inode.clone();
             inode.nlink -= 1;
             inode.ctime = now;
-            return Ok(vec![put(inode_key(inode.ino), &inode)]);
+            mutations.push(put(inode_key(inode.ino), &inode));
+            return Ok(());
         }
-        let mut mutations = vec![
+        let chunks = self.chunks(inode.ino)?;
+        if chunks.len() > MAX_CHUNKS_PER_COMMIT {
+            mutations.push(orphan());
+            removed.unfinished = Some(inode.ino);
+            return Ok(());
+        }
+        mutations.extend([
             Mutation::Delete { key: inode_key(inode.ino) },
             Mutation::Delete { key: lease_key(inode.ino) },
             Mutation::Delete { key: locks_key(inode.ino) },
-        ];
+        ]);
         for (key, _) in self.store.list_prefix(&xattr_prefix(inode.ino))? {
             mutations.push(Mutation::Delete { key });
         }
-        for (key, chunk) in self.store.list_prefix(&chunk_prefix(inode.ino))? {
-            removed.chunks.push(decode(&key, &chunk.value)?);
-            mutations.push(Mutation::Delete { key });
+        removed.chunks.extend(self.release_chunk_records(inode.ino, &chunks, conditions, mutations)?);
+        Ok(())
+    }
+
+    /// Adds to a commit the deletion of the chunk records `(index, chunk, revision)` of `ino`,
+    /// each chunk losing a reference. Returns the chunks whose last reference this was.
+    fn release_chunk_records(
+        &self,
+        ino: u64,
+        records: &[(u64, ChunkInfo, u64)],
+        conditions: &mut Vec<Condition>,
+        mutations: &mut Vec<Mutation>,
+    ) -> Result<Vec<ChunkInfo>, NamespaceError> {
+        let mut sharing = SharingChanges::default();
+        sharing.load(self, records.iter().map(|(_, c, _)| c.chunk_id))?;
+        let mut freed = Vec::new();
+        for (index, chunk, revision) in records {
+            conditions.push(cond(chunk_key(ino, *index), *revision));
+            mutations.push(Mutation::Delete { key: chunk_key(ino, *index) });
+            if sharing.drop_reference(chunk.chunk_id, ChunkOwner { ino, index: *index })? {
+                freed.push(chunk.clone());
+            }
         }
-        Ok(mutations)
+        sharing.finish(conditions, mutations);
+        Ok(freed)
+    }
+
+    /// Completes a removal whose commit left an orphan to delete in steps (a large file).
+    /// The name is gone already, so a failure here only leaves the orphan behind.
+    fn finish_removal(&self, mut removed: Removed) -> Removed {
+        if let Some(ino) = removed.unfinished.take() {
+            match self.remove_orphan(ino) {
+                Ok(rest) => removed.chunks.extend(rest.chunks),
+                Err(e) => tracing::warn!(ino, "cannot delete the chunks of a removed file; it stays as an orphan: {e}"),
+            }
+        }
+        removed
     }
 
     /// Removes the non-directory `name` from `parent`.
@@ -526,21 +679,40 @@ impl Namespace {
         self.remove(parent, name, false, keep_open)
     }
 
-    /// Deletes an orphan (a file unlinked while open) once its last descriptor is closed.
+    /// Deletes an orphan (a file unlinked while open) once its last descriptor is closed. The
+    /// chunk records of a large one go in steps of one commit each, the last ones first.
     pub fn remove_orphan(&self, ino: u64) -> Result<Removed, NamespaceError> {
-        retry(&format!("inode {ino}"), || {
-            let (inode, rev) = match self.inode_with_revision(ino) {
-                Ok(found) => found,
-                Err(NamespaceError::NotFound { .. }) => return Ok(Some(Removed::default())),
-                Err(e) => return Err(e),
-            };
-            if inode.nlink > 0 {
-                return Ok(Some(Removed::default())); // linked again meanwhile (or never orphaned)
+        let mut removed = Removed::default();
+        loop {
+            let finished = retry(&format!("inode {ino}"), || {
+                let (inode, rev) = match self.inode_with_revision(ino) {
+                    Ok(found) => found,
+                    Err(NamespaceError::NotFound { .. }) => return Ok(Some(true)),
+                    Err(e) => return Err(e),
+                };
+                if inode.nlink > 0 {
+                    return Ok(Some(true)); // linked again meanwhile (or never orphaned)
+                }
+                let mut conditions = vec![cond(inode_key(ino), rev)];
+                let mut mutations = Vec::new();
+                let chunks = self.chunks(ino)?;
+                let mut step = Removed::default();
+                let last_step = chunks.len() <= MAX_CHUNKS_PER_COMMIT;
+                if last_step {
+                    self.unlink_changes(&inode, Timestamp::now(), &mut step, &|_| false, &mut conditions, &mut mutations)?;
+                } else {
+                    step.chunks = self.release_chunk_records(ino, &chunks[chunks.len() - MAX_CHUNKS_PER_COMMIT..], &mut conditions, &mut mutations)?;
+                }
+                if !self.store.commit(&conditions, &mutations)? {
+                    return Ok(None);
+                }
+                removed.chunks.extend(step.chunks);
+                Ok(Some(last_step))
+            })?;
+            if finished {
+                return Ok(removed);
             }
-            let mut removed = Removed::default();
-            let mutations = self.unlink_mutations(&inode, Timestamp::now(), &mut removed, &|_| false)?;
-            Ok(self.store.commit(&[cond(inode_key(ino), rev)], &mutations)?.then_some(removed))
-        })
+        }
     }
 
     /// Removes the empty directory `name` from `parent`.
@@ -561,7 +733,7 @@ impl Namespace {
             if !directory && is_dir {
                 return Err(NamespaceError::IsDirectory { what: name.to_string() });
             }
-            let conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), entry_rev), cond(inode_key(inode.ino), inode_rev)];
+            let mut conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), entry_rev), cond(inode_key(inode.ino), inode_rev)];
             if is_dir {
                 let children = self.store.list_prefix(&dirent_prefix(inode.ino))?;
                 if !children.is_empty() {
@@ -575,11 +747,13 @@ impl Namespace {
             dir.mtime = now;
             dir.ctime = now;
             let mut removed = Removed::default();
-            let mut mutations = self.unlink_mutations(&inode, now, &mut removed, keep_open)?;
+            let mut mutations = Vec::new();
+            self.unlink_changes(&inode, now, &mut removed, keep_open, &mut conditions, &mut mutations)?;
             mutations.push(Mutation::Delete { key: dirent_key(parent, name) });
             mutations.push(put(inode_key(parent), &dir));
             Ok(self.store.commit(&conditions, &mutations)?.then_some(removed))
         })
+        .map(|removed| self.finish_removal(removed))
     }
 
     /// Renames `parent/name` to `newparent/newname`, replacing a compatible target.
@@ -639,7 +813,7 @@ impl Namespace {
                     dst_dir.nlink -= 1;
                 }
                 conditions.push(cond(inode_key(target_inode.ino), target_rev));
-                mutations.extend(self.unlink_mutations(&target_inode, now, &mut removed, keep_open)?);
+                self.unlink_changes(&target_inode, now, &mut removed, keep_open, &mut conditions, &mut mutations)?;
             }
             if moving_dir && parent != newparent {
                 src_dir.nlink -= 1;
@@ -664,6 +838,7 @@ impl Namespace {
             mutations.push(put(dirent_key(newparent, newname), &entry));
             Ok(self.store.commit(&conditions, &mutations)?.then_some(removed))
         })
+        .map(|removed| self.finish_removal(removed))
     }
 
     /// Whether directory `ancestor` is `ino` or one of its ancestors (walks `..` upwards).
@@ -823,20 +998,284 @@ impl Namespace {
         Ok(self.store.get(&key)?.map(|v| v.revision))
     }
 
-    /// Drops the chunk records of the leased file from index `from` on (truncate).
+    /// Drops the chunk records of the leased file from index `from` on (truncate), the last
+    /// ones first, [`MAX_CHUNKS_PER_COMMIT`] per commit. Returns the chunks no other file
+    /// points at, whose replicas the caller deletes.
     pub fn delete_chunks_from(&self, lease: &HeldLease, from: u64) -> Result<Vec<ChunkInfo>, NamespaceError> {
-        let doomed: Vec<(u64, ChunkInfo, u64)> = self.chunks(lease.ino)?.into_iter().filter(|(i, _, _)| *i >= from).collect();
-        if doomed.is_empty() {
-            return Ok(vec![]);
+        let mut freed = Vec::new();
+        loop {
+            let step = retry(&format!("chunks of inode {}", lease.ino), || {
+                let doomed: Vec<(u64, ChunkInfo, u64)> = self.chunks(lease.ino)?.into_iter().filter(|(i, _, _)| *i >= from).collect();
+                if doomed.is_empty() {
+                    return Ok(Some(None));
+                }
+                let mut conditions = vec![cond(lease_key(lease.ino), lease.revision)];
+                let mut mutations = Vec::new();
+                let batch = &doomed[doomed.len().saturating_sub(MAX_CHUNKS_PER_COMMIT)..];
+                let step_freed = self.release_chunk_records(lease.ino, batch, &mut conditions, &mut mutations)?;
+                if !self.store.commit(&conditions, &mutations)? {
+                    self.check_lease(lease)?;
+                    return Ok(None);
+                }
+                Ok(Some(Some(step_freed)))
+            })?;
+            match step {
+                Some(step_freed) => freed.extend(step_freed),
+                None => return Ok(freed),
+            }
         }
-        let mut conditions = vec![cond(lease_key(lease.ino), lease.revision)];
-        conditions.extend(doomed.iter().map(|(i, _, rev)| cond(chunk_key(lease.ino, *i), *rev)));
-        let mutations: Vec<Mutation> = doomed.iter().map(|(i, _, _)| Mutation::Delete { key: chunk_key(lease.ino, *i) }).collect();
+    }
+
+    /// The sharing record of a chunk, if several files share it.
+    pub fn shared_chunk(&self, chunk_id: u64) -> Result<Option<(SharedChunk, u64)>, NamespaceError> {
+        self.read(&shared_key(chunk_id))
+    }
+
+    /// The sharing records of those of `chunk_ids` that several files share (one listing
+    /// rather than a read each when there are many).
+    pub fn shared_chunks(&self, chunk_ids: &[u64]) -> Result<HashMap<u64, (SharedChunk, u64)>, NamespaceError> {
+        let mut found = HashMap::new();
+        if chunk_ids.len() > 16 {
+            for (key, v) in self.store.list_prefix(SHARED_PREFIX)? {
+                let Ok(chunk_id) = u64::from_str_radix(&key[SHARED_PREFIX.len()..], 16) else { continue };
+                if chunk_ids.contains(&chunk_id) {
+                    found.insert(chunk_id, (decode(&key, &v.value)?, v.revision));
+                }
+            }
+        } else {
+            for &chunk_id in chunk_ids {
+                if let Some(shared) = self.shared_chunk(chunk_id)? {
+                    found.insert(chunk_id, shared);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Adds to a commit: records of `target` pointing at the chunks of `source`'s records
+    /// `(index, chunk, revision)`, source index `i` becoming target index `i + shift`, each
+    /// chunk gaining a reference. Conditioned on the source records and on the target's
+    /// records being absent.
+    #[allow(clippy::too_many_arguments)]
+    fn share_chunk_records(
+        &self,
+        source: u64,
+        records: &[(u64, ChunkInfo, u64)],
+        target: u64,
+        shift: i64,
+        conditions: &mut Vec<Condition>,
+        mutations: &mut Vec<Mutation>,
+    ) -> Result<(), NamespaceError> {
+        let mut sharing = SharingChanges::default();
+        sharing.load(self, records.iter().map(|(_, c, _)| c.chunk_id))?;
+        for (index, chunk, revision) in records {
+            let target_index = index.checked_add_signed(shift).ok_or_else(|| NamespaceError::Invalid(format!("chunk index {index} moved by {shift}")))?;
+            conditions.push(cond(chunk_key(source, *index), *revision));
+            conditions.push(cond(chunk_key(target, target_index), 0));
+            mutations.push(put(chunk_key(target, target_index), chunk));
+            sharing.add_reference(chunk.chunk_id, ChunkOwner { ino: source, index: *index }, ChunkOwner { ino: target, index: target_index });
+        }
+        sharing.finish(conditions, mutations);
+        Ok(())
+    }
+
+    /// Creates `newparent/newname` as a copy-on-write clone of the leased file: a new file with
+    /// the source's mode, owner and size whose chunk records point at the source's chunks (at
+    /// their current versions), each chunk's sharing record gaining the new file, in the same
+    /// commit as the new name. A source with more chunks than one commit takes is cloned into
+    /// a nameless inode in steps, and named last. The caller holds the source's write lease, so
+    /// nothing writes the source meanwhile.
+    pub fn clone_file(&self, source: &HeldLease, newparent: u64, newname: &str) -> Result<Inode, NamespaceError> {
+        validate_name(newname)?;
+        let src = self.inode(source.ino)?;
+        match src.kind {
+            InodeKind::File => {}
+            InodeKind::Directory => return Err(NamespaceError::IsDirectory { what: format!("inode {}", source.ino) }),
+            InodeKind::Symlink => return Err(NamespaceError::Invalid(format!("inode {} is a symlink; only regular files are cloned", source.ino))),
+        }
+        self.check_lease(source)?;
+        self.directory(newparent)?;
+        if self.entry(newparent, newname)?.is_some() {
+            return Err(NamespaceError::Exists { parent: newparent, name: newname.to_string() });
+        }
+        let new_inode = |src: &Inode, dir: &Inode, ino: u64, nlink: u32| {
+            let now = Timestamp::now();
+            Inode { ino, nlink, atime: now, mtime: now, ctime: now, replicas: dir.replicas, parent: newparent, symlink_target: None, ..src.clone() }
+        };
+        if self.chunks(source.ino)?.len() <= MAX_CHUNKS_PER_COMMIT {
+            return retry(newname, || {
+                let (src, src_rev) = self.inode_with_revision(source.ino)?;
+                let (mut dir, dir_rev) = self.directory(newparent)?;
+                if self.entry(newparent, newname)?.is_some() {
+                    return Err(NamespaceError::Exists { parent: newparent, name: newname.to_string() });
+                }
+                let (ino, next_rev) = self.next_ino()?;
+                let inode = new_inode(&src, &dir, ino, 1);
+                dir.mtime = inode.ctime;
+                dir.ctime = inode.ctime;
+                let mut conditions = vec![
+                    cond(inode_key(newparent), dir_rev),
+                    cond(dirent_key(newparent, newname), 0),
+                    cond(NEXT_INO_KEY.into(), next_rev),
+                    cond(inode_key(source.ino), src_rev),
+                    cond(lease_key(source.ino), source.revision),
+                ];
+                let mut mutations = vec![
+                    Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
+                    put(inode_key(ino), &inode),
+                    put(dirent_key(newparent, newname), &DirEntry { ino, kind: InodeKind::File }),
+                    put(inode_key(newparent), &dir),
+                ];
+                let chunks = self.chunks(source.ino)?;
+                if chunks.len() > MAX_CHUNKS_PER_COMMIT {
+                    return Err(NamespaceError::Contended { what: format!("chunks of inode {}", source.ino) });
+                }
+                self.share_chunk_records(source.ino, &chunks, ino, 0, &mut conditions, &mut mutations)?;
+                if !self.store.commit(&conditions, &mutations)? {
+                    self.check_lease(source)?;
+                    return Ok(None);
+                }
+                Ok(Some(inode.clone()))
+            });
+        }
+        // Too large for one commit: a nameless inode (an orphan until named) gets the records
+        // in steps; if anything fails it is removed again, which drops its references.
+        let unnamed = retry(newname, || {
+            let src = self.inode(source.ino)?;
+            let (dir, _) = self.directory(newparent)?;
+            let (ino, next_rev) = self.next_ino()?;
+            let inode = new_inode(&src, &dir, ino, 0);
+            let committed = self.store.commit(
+                &[cond(NEXT_INO_KEY.into(), next_rev), cond(lease_key(source.ino), source.revision)],
+                &[Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() }, put(inode_key(ino), &inode)],
+            )?;
+            if !committed {
+                self.check_lease(source)?;
+            }
+            Ok(committed.then_some(inode.clone()))
+        })?;
+        let filled = self.clone_chunks_in_steps(source, unnamed.ino).and_then(|()| {
+            retry(newname, || {
+                let (mut dir, dir_rev) = self.directory(newparent)?;
+                if self.entry(newparent, newname)?.is_some() {
+                    return Err(NamespaceError::Exists { parent: newparent, name: newname.to_string() });
+                }
+                let (mut inode, inode_rev) = self.inode_with_revision(unnamed.ino)?;
+                inode.nlink = 1;
+                dir.mtime = inode.ctime;
+                dir.ctime = inode.ctime;
+                let committed = self.store.commit(
+                    &[cond(inode_key(newparent), dir_rev), cond(dirent_key(newparent, newname), 0), cond(inode_key(inode.ino), inode_rev)],
+                    &[put(inode_key(inode.ino), &inode), put(dirent_key(newparent, newname), &DirEntry { ino: inode.ino, kind: InodeKind::File }), put(inode_key(newparent), &dir)],
+                )?;
+                Ok(committed.then_some(inode.clone()))
+            })
+        });
+        if filled.is_err() {
+            if let Err(e) = self.remove_orphan(unnamed.ino) {
+                tracing::warn!(ino = unnamed.ino, "cannot remove an unfinished clone; it stays as an orphan: {e}");
+            }
+        }
+        filled
+    }
+
+    fn clone_chunks_in_steps(&self, source: &HeldLease, target: u64) -> Result<(), NamespaceError> {
+        let indexes: Vec<u64> = self.chunks(source.ino)?.into_iter().map(|(i, _, _)| i).collect();
+        for step in indexes.chunks(MAX_CHUNKS_PER_COMMIT) {
+            retry(&format!("chunks of inode {}", source.ino), || {
+                let mut records = Vec::new();
+                for &index in step {
+                    if let Some((chunk, rev)) = self.chunk(source.ino, index)? {
+                        records.push((index, chunk, rev));
+                    }
+                }
+                let mut conditions = vec![cond(lease_key(source.ino), source.revision)];
+                let mut mutations = Vec::new();
+                self.share_chunk_records(source.ino, &records, target, 0, &mut conditions, &mut mutations)?;
+                if !self.store.commit(&conditions, &mutations)? {
+                    self.check_lease(source)?;
+                    return Ok(None);
+                }
+                Ok(Some(()))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes chunks `first..first + count` of the leased `source` also chunks `target_first..`
+    /// of the leased `target`, shared as a clone shares them (`copy_file_range` of whole
+    /// chunks). Returns `false`, changing nothing, if the target holds chunks in that range.
+    pub fn share_chunks(&self, source: &HeldLease, first: u64, count: u64, target: &HeldLease, target_first: u64) -> Result<bool, NamespaceError> {
+        if source.ino == target.ino {
+            return Err(NamespaceError::Invalid(format!("inode {}: chunks are shared between two files, not within one", source.ino)));
+        }
+        if count as usize > MAX_CHUNKS_PER_COMMIT {
+            return Err(NamespaceError::Invalid(format!("{count} chunks at once; the limit is {MAX_CHUNKS_PER_COMMIT}")));
+        }
+        let shift = target_first as i64 - first as i64;
+        retry(&format!("chunks of inode {}", target.ino), || {
+            if self.chunks(target.ino)?.iter().any(|(i, _, _)| (target_first..target_first + count).contains(i)) {
+                return Ok(Some(false));
+            }
+            let records: Vec<(u64, ChunkInfo, u64)> = self.chunks(source.ino)?.into_iter().filter(|(i, _, _)| (first..first + count).contains(i)).collect();
+            let mut conditions = vec![cond(lease_key(source.ino), source.revision), cond(lease_key(target.ino), target.revision)];
+            let mut mutations = Vec::new();
+            self.share_chunk_records(source.ino, &records, target.ino, shift, &mut conditions, &mut mutations)?;
+            if !self.store.commit(&conditions, &mutations)? {
+                self.check_lease(source)?;
+                self.check_lease(target)?;
+                return Ok(None);
+            }
+            Ok(Some(true))
+        })
+    }
+
+    /// The commit of a copy-on-write: chunk `index` of the leased file (its record at
+    /// `expected_revision`) now points at `copy`, its own copy of the shared chunk `shared_id`,
+    /// which loses this reference. Returns the record's new revision, or `None` on a conflict,
+    /// also when the chunk is no longer shared (the others let go of it: write it in place).
+    pub fn unshare_chunk(&self, lease: &HeldLease, index: u64, copy: &ChunkInfo, expected_revision: u64, shared_id: u64) -> Result<Option<u64>, NamespaceError> {
+        let key = chunk_key(lease.ino, index);
+        let mut sharing = SharingChanges::default();
+        sharing.load(self, [shared_id])?;
+        if !sharing.is_shared(shared_id) {
+            return Ok(None);
+        }
+        sharing.drop_reference(shared_id, ChunkOwner { ino: lease.ino, index })?;
+        let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)];
+        let mut mutations = vec![put(key.clone(), copy)];
+        sharing.finish(&mut conditions, &mut mutations);
         if !self.store.commit(&conditions, &mutations)? {
             self.check_lease(lease)?;
-            return Err(NamespaceError::Contended { what: format!("chunks of inode {}", lease.ino) });
+            return Ok(None);
         }
-        Ok(doomed.into_iter().map(|(_, c, _)| c).collect())
+        Ok(self.store.get(&key)?.map(|v| v.revision))
+    }
+
+    /// [`Namespace::put_chunk`] for a change of the chunk's replicas or version (healing, stale
+    /// replicas): when other files share the chunk, their records of it change in the same
+    /// commit, since they describe the same replicas.
+    pub fn put_chunk_everywhere(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, NamespaceError> {
+        let Some((shared, shared_rev)) = self.shared_chunk(chunk.chunk_id)? else {
+            return self.put_chunk(lease, index, chunk, expected_revision);
+        };
+        let key = chunk_key(lease.ino, index);
+        let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision), cond(shared_key(chunk.chunk_id), shared_rev)];
+        let mut mutations = vec![put(key.clone(), chunk)];
+        for owner in shared.owners.iter().filter(|o| **o != ChunkOwner { ino: lease.ino, index }) {
+            match self.chunk(owner.ino, owner.index)? {
+                Some((theirs, rev)) if theirs.chunk_id == chunk.chunk_id => {
+                    conditions.push(cond(chunk_key(owner.ino, owner.index), rev));
+                    mutations.push(put(chunk_key(owner.ino, owner.index), chunk));
+                }
+                _ => return Ok(None), // changed meanwhile
+            }
+        }
+        if !self.store.commit(&conditions, &mutations)? {
+            self.check_lease(lease)?;
+            return Ok(None);
+        }
+        Ok(self.store.get(&key)?.map(|v| v.revision))
     }
 
     fn check_xattr_name(name: &str) -> Result<(), NamespaceError> {
@@ -1079,6 +1518,183 @@ mod tests {
         ns.set_size(&second, 10, None).unwrap();
         ns.release_lease(&second).unwrap();
         assert_eq!(ns.acquire_lease(f.ino, "node-a", false).unwrap().epoch, 3);
+    }
+
+    fn chunk(chunk_id: u64) -> ChunkInfo {
+        ChunkInfo { chunk_id, version: 1, replicas: ["a", "b", "c"].iter().map(|s| Replica { server: s.to_string(), version: 1 }).collect() }
+    }
+
+    /// A file `name` in the root with `count` chunks, ids `first_id..`.
+    fn file_with_chunks(ns: &Namespace, name: &str, first_id: u64, count: u64) -> Inode {
+        let f = file(ns, ROOT_INO, name);
+        let lease = ns.acquire_lease(f.ino, "writer", false).unwrap();
+        for index in 0..count {
+            ns.put_chunk(&lease, index, &chunk(first_id + index), 0).unwrap().unwrap();
+        }
+        ns.set_size(&lease, count * (1 << 20), None).unwrap();
+        ns.release_lease(&lease).unwrap();
+        ns.inode(f.ino).unwrap()
+    }
+
+    fn owners(ns: &Namespace, chunk_id: u64) -> Vec<(u64, u64)> {
+        ns.shared_chunk(chunk_id).unwrap().map(|(s, _)| s.owners.iter().map(|o| (o.ino, o.index)).collect()).unwrap_or_default()
+    }
+
+    fn clone(ns: &Namespace, src: u64, name: &str) -> Inode {
+        let lease = ns.acquire_lease(src, "cloner", false).unwrap();
+        let cloned = ns.clone_file(&lease, ROOT_INO, name).unwrap();
+        ns.release_lease(&lease).unwrap();
+        cloned
+    }
+
+    fn freed_ids(removed: &Removed) -> Vec<u64> {
+        let mut ids: Vec<u64> = removed.chunks.iter().map(|c| c.chunk_id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn sharing_changes_count_references() {
+        let (a, b, c) = (ChunkOwner { ino: 2, index: 0 }, ChunkOwner { ino: 3, index: 0 }, ChunkOwner { ino: 4, index: 5 });
+        let mut changes = SharingChanges::default();
+        changes.chunks.insert(7, (0, None));
+        assert!(!changes.is_shared(7));
+        changes.add_reference(7, a, b);
+        changes.add_reference(7, a, c);
+        assert!(changes.is_shared(7));
+        assert!(!changes.drop_reference(7, a).unwrap());
+        assert!(changes.drop_reference(7, c).is_ok_and(|last| !last));
+        assert!(changes.drop_reference(7, a).is_err(), "a record the sharing does not list is an inconsistency");
+        assert!(changes.drop_reference(7, b).unwrap(), "the last reference frees the chunk");
+        // A chunk no sharing record lists has one reference: dropping it frees the chunk.
+        changes.chunks.insert(8, (0, None));
+        assert!(changes.drop_reference(8, a).unwrap());
+        let (mut conditions, mut mutations) = (vec![], vec![]);
+        changes.finish(&mut conditions, &mut mutations);
+        assert_eq!(conditions, vec![cond(shared_key(7), 0), cond(shared_key(8), 0)]);
+        assert!(mutations.is_empty(), "nothing was written for chunks that were never shared");
+    }
+
+    #[test]
+    fn a_clone_shares_every_chunk_and_the_last_reference_frees_it() {
+        let ns = ns();
+        let src = file_with_chunks(&ns, "template", 100, 3);
+        let copy = clone(&ns, src.ino, "disk");
+        assert_eq!((copy.size, copy.nlink, copy.mode), (src.size, 1, src.mode));
+        assert_eq!(ns.lookup(ROOT_INO, "disk").unwrap().ino, copy.ino);
+        let records = |ino| ns.chunks(ino).unwrap().into_iter().map(|(i, c, _)| (i, c)).collect::<Vec<_>>();
+        assert_eq!(records(copy.ino), records(src.ino));
+        assert_eq!(owners(&ns, 101), vec![(src.ino, 1), (copy.ino, 1)]);
+        let third = clone(&ns, copy.ino, "disk2");
+        assert_eq!(owners(&ns, 101), vec![(src.ino, 1), (copy.ino, 1), (third.ino, 1)]);
+
+        assert!(ns.unlink(ROOT_INO, "template").unwrap().chunks.is_empty(), "shared chunks stay");
+        assert_eq!(owners(&ns, 100), vec![(copy.ino, 0), (third.ino, 0)]);
+        assert!(ns.unlink(ROOT_INO, "disk2").unwrap().chunks.is_empty());
+        assert!(ns.shared_chunk(100).unwrap().is_none(), "one reference left: not shared any more");
+        assert_eq!(freed_ids(&ns.unlink(ROOT_INO, "disk").unwrap()), vec![100, 101, 102]);
+    }
+
+    #[test]
+    fn copy_on_write_moves_one_file_to_its_copy() {
+        let ns = ns();
+        let src = file_with_chunks(&ns, "src", 100, 2);
+        let copy = clone(&ns, src.ino, "copy");
+        let lease = ns.acquire_lease(copy.ino, "writer", false).unwrap();
+        let (shared, rev) = ns.chunk(copy.ino, 1).unwrap().unwrap();
+        assert_eq!(ns.unshare_chunk(&lease, 1, &chunk(500), rev + 1, shared.chunk_id).unwrap(), None, "a stale record revision is a conflict");
+        ns.unshare_chunk(&lease, 1, &chunk(500), rev, shared.chunk_id).unwrap().unwrap();
+        assert_eq!(ns.chunk(copy.ino, 1).unwrap().unwrap().0.chunk_id, 500);
+        assert_eq!(ns.chunk(src.ino, 1).unwrap().unwrap().0.chunk_id, 101, "the other file keeps the original");
+        assert!(ns.shared_chunk(101).unwrap().is_none());
+        assert_eq!(owners(&ns, 100), vec![(src.ino, 0), (copy.ino, 0)]);
+        // Not shared any more: nothing to copy, the caller writes in place.
+        assert_eq!(ns.unshare_chunk(&lease, 1, &chunk(501), ns.chunk(copy.ino, 1).unwrap().unwrap().1, 500).unwrap(), None);
+        // Truncating the copy drops its reference to the shared chunk and frees its own.
+        let mut dropped: Vec<u64> = ns.delete_chunks_from(&lease, 0).unwrap().iter().map(|c| c.chunk_id).collect();
+        dropped.sort();
+        assert_eq!(dropped, vec![500]);
+        assert!(ns.shared_chunk(100).unwrap().is_none());
+        ns.release_lease(&lease).unwrap();
+        assert_eq!(freed_ids(&ns.unlink(ROOT_INO, "src").unwrap()), vec![100, 101]);
+        // A fenced writer's copy-on-write is refused.
+        let other = clone(&ns, file_with_chunks(&ns, "f", 200, 1).ino, "g");
+        let old = ns.acquire_lease(other.ino, "a", false).unwrap();
+        ns.acquire_lease(other.ino, "b", true).unwrap();
+        let rev = ns.chunk(other.ino, 0).unwrap().unwrap().1;
+        assert!(matches!(ns.unshare_chunk(&old, 0, &chunk(600), rev, 200), Err(NamespaceError::Fenced { .. })));
+        assert_eq!(owners(&ns, 200).len(), 2);
+    }
+
+    #[test]
+    fn clone_refuses_bad_requests_and_changes_nothing() {
+        let ns = ns();
+        let src = file_with_chunks(&ns, "src", 100, 1);
+        let d = ns.create(ROOT_INO, "d", InodeKind::Directory, 0o755, 0, 0, None).unwrap();
+        let lease = ns.acquire_lease(src.ino, "cloner", false).unwrap();
+        let before = ns.store().list_prefix("/fs/").unwrap();
+        assert_eq!(ns.clone_file(&lease, ROOT_INO, "d").unwrap_err().errno(), libc::EEXIST);
+        assert_eq!(ns.clone_file(&lease, ROOT_INO, "src").unwrap_err().errno(), libc::EEXIST);
+        assert_eq!(ns.clone_file(&lease, src.ino, "x").unwrap_err().errno(), libc::ENOTDIR);
+        assert_eq!(ns.clone_file(&lease, 999, "x").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(ns.clone_file(&lease, ROOT_INO, "a/b").unwrap_err().errno(), libc::EINVAL);
+        let dir_lease = HeldLease { ino: d.ino, epoch: 1, revision: 0 };
+        assert_eq!(ns.clone_file(&dir_lease, ROOT_INO, "x").unwrap_err().errno(), libc::EISDIR);
+        assert_eq!(ns.store().list_prefix("/fs/").unwrap(), before, "a refused clone changes nothing");
+        // The source's writer keeps the lease: a clone cannot take it, and a lost lease fences.
+        ns.release_lease(&lease).unwrap();
+        let writer = ns.acquire_lease(src.ino, "node-a", false).unwrap();
+        assert_eq!(ns.acquire_lease(src.ino, "cloner", false).unwrap_err().errno(), libc::EBUSY);
+        ns.acquire_lease(src.ino, "node-b", true).unwrap();
+        assert!(matches!(ns.clone_file(&writer, ROOT_INO, "x"), Err(NamespaceError::Fenced { .. })));
+        assert!(ns.lookup(ROOT_INO, "x").is_err());
+    }
+
+    #[test]
+    fn large_files_clone_and_delete_in_steps() {
+        let ns = ns();
+        let count = MAX_CHUNKS_PER_COMMIT as u64 * 2 + 7;
+        let src = file_with_chunks(&ns, "big", 1000, count);
+        let copy = clone(&ns, src.ino, "big2");
+        assert_eq!(ns.chunks(copy.ino).unwrap().len() as u64, count);
+        assert_eq!(owners(&ns, 1000 + count - 1), vec![(src.ino, count - 1), (copy.ino, count - 1)]);
+        let lease = ns.acquire_lease(src.ino, "writer", false).unwrap();
+        assert!(ns.delete_chunks_from(&lease, 3).unwrap().is_empty(), "every dropped chunk is still the clone's");
+        ns.release_lease(&lease).unwrap();
+        assert_eq!(owners(&ns, 1003), vec![]);
+        assert_eq!(ns.unlink(ROOT_INO, "big").unwrap().chunks.len(), 0);
+        let removed = ns.unlink(ROOT_INO, "big2").unwrap();
+        assert_eq!(removed.chunks.len() as u64, count);
+        assert!(ns.inode(copy.ino).is_err());
+        assert!(ns.store().list_prefix("/fs/chunks/").unwrap().is_empty());
+        assert!(ns.store().list_prefix(SHARED_PREFIX).unwrap().is_empty());
+    }
+
+    #[test]
+    fn healing_a_shared_chunk_changes_every_record_of_it() {
+        let ns = ns();
+        let src = file_with_chunks(&ns, "src", 100, 1);
+        let copy = clone(&ns, src.ino, "copy");
+        let lease = ns.acquire_lease(copy.ino, "healer", false).unwrap();
+        let (record, rev) = ns.chunk(copy.ino, 0).unwrap().unwrap();
+        let mut healed = record.clone();
+        healed.replicas.push(Replica { server: "d".into(), version: 1 });
+        ns.put_chunk_everywhere(&lease, 0, &healed, rev).unwrap().unwrap();
+        assert_eq!(ns.chunk(src.ino, 0).unwrap().unwrap().0, healed);
+        assert_eq!(ns.chunk(copy.ino, 0).unwrap().unwrap().0, healed);
+    }
+
+    #[test]
+    fn chunks_shared_into_a_range_need_it_empty() {
+        let ns = ns();
+        let src = file_with_chunks(&ns, "src", 100, 3);
+        let dst = file_with_chunks(&ns, "dst", 200, 1);
+        let (a, b) = (ns.acquire_lease(src.ino, "n", false).unwrap(), ns.acquire_lease(dst.ino, "n", false).unwrap());
+        assert!(!ns.share_chunks(&a, 0, 2, &b, 0).unwrap(), "the target holds chunk 0");
+        assert!(ns.share_chunks(&a, 1, 2, &b, 4).unwrap());
+        assert_eq!(ns.chunk(dst.ino, 5).unwrap().unwrap().0.chunk_id, 102);
+        assert_eq!(owners(&ns, 101), vec![(src.ino, 1), (dst.ino, 4)]);
+        assert_eq!(ns.share_chunks(&a, 0, 1, &a, 9).unwrap_err().errno(), libc::EINVAL);
     }
 
     #[test]

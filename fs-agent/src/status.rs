@@ -17,14 +17,32 @@ pub struct ReplicaHealth {
     pub unavailable: u64,
     /// Replicas that missed writes and are never read.
     pub stale_replicas: u64,
+    /// Chunks that several files point at (copy-on-write clones).
+    pub shared: u64,
 }
 
-/// Counts replica health over `(desired copies, chunk)` pairs; pure.
-pub fn replica_health<'a>(chunks: impl IntoIterator<Item = (u32, &'a ChunkInfo)>) -> ReplicaHealth {
+/// One entry per chunk from `(desired copies, chunk record)` pairs, however many files point
+/// at it: `(the most copies any of them wants, the chunk, how many records point at it)`.
+pub fn distinct_chunks(records: impl IntoIterator<Item = (u32, ChunkInfo)>) -> Vec<(u32, ChunkInfo, u32)> {
+    let mut by_id: BTreeMap<u64, (u32, ChunkInfo, u32)> = BTreeMap::new();
+    for (desired, chunk) in records {
+        let entry = by_id.entry(chunk.chunk_id).or_insert((desired, chunk, 0));
+        entry.0 = entry.0.max(desired);
+        entry.2 += 1;
+    }
+    by_id.into_values().collect()
+}
+
+/// Counts replica health over distinct chunks `(desired copies, chunk, records pointing at
+/// it)`; pure.
+pub fn replica_health<'a>(chunks: impl IntoIterator<Item = (u32, &'a ChunkInfo, u32)>) -> ReplicaHealth {
     let mut health = ReplicaHealth::default();
-    for (desired, chunk) in chunks {
+    for (desired, chunk, references) in chunks {
         let current = chunk.current_servers().len();
         health.chunks += 1;
+        if references > 1 {
+            health.shared += 1;
+        }
         if current < desired as usize {
             health.under_replicated += 1;
         }
@@ -68,15 +86,17 @@ pub fn collect(ns: &Namespace) -> Result<StatusReport, NamespaceError> {
         .filter_map(|(_, v)| serde_json::from_slice::<Inode>(&v.value).ok())
         .map(|i| (i.ino, i.replicas))
         .collect();
-    let mut chunks: Vec<(u32, ChunkInfo)> = Vec::new();
+    let mut records: Vec<(u32, ChunkInfo)> = Vec::new();
     for (key, v) in ns.store().list_prefix("/fs/chunks/")? {
         let ino = key["/fs/chunks/".len()..].split('/').next().and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0);
         if let Ok(chunk) = serde_json::from_slice::<ChunkInfo>(&v.value) {
-            chunks.push((inodes.get(&ino).copied().unwrap_or(3), chunk));
+            records.push((inodes.get(&ino).copied().unwrap_or(3), chunk));
         }
     }
+    // Counted per chunk, not per file pointing at it.
+    let chunks = distinct_chunks(records);
     let mut replicas_per_server: BTreeMap<String, u64> = BTreeMap::new();
-    for (_, chunk) in &chunks {
+    for (_, chunk, _) in &chunks {
         for server in chunk.current_servers() {
             *replicas_per_server.entry(server).or_default() += 1;
         }
@@ -99,7 +119,7 @@ pub fn collect(ns: &Namespace) -> Result<StatusReport, NamespaceError> {
             ServerStatus { addr, capacity, replicas, scrub }
         })
         .collect();
-    Ok(StatusReport { servers, health: replica_health(chunks.iter().map(|(d, c)| (*d, c))) })
+    Ok(StatusReport { servers, health: replica_health(chunks.iter().map(|(d, c, r)| (*d, c, *r))) })
 }
 
 impl StatusReport {
@@ -119,8 +139,8 @@ impl StatusReport {
         }
         let h = &self.health;
         out.push_str(&format!(
-            "chunks: {}, under-replicated: {}, unavailable: {}, stale replicas: {} (`fs-agent heal` re-replicates)\n",
-            h.chunks, h.under_replicated, h.unavailable, h.stale_replicas
+            "chunks: {}, under-replicated: {}, unavailable: {}, stale replicas: {}, shared by clones: {} (`fs-agent heal` re-replicates)\n",
+            h.chunks, h.under_replicated, h.unavailable, h.stale_replicas, h.shared
         ));
         out
     }
@@ -140,7 +160,17 @@ mod tests {
         let healthy = chunk(&[2, 2, 2], 2);
         let degraded = chunk(&[3, 3, 2], 3);
         let lost = chunk(&[1], 2);
-        let h = replica_health([(3, &healthy), (3, &degraded), (1, &lost)]);
-        assert_eq!(h, ReplicaHealth { chunks: 3, under_replicated: 2, unavailable: 1, stale_replicas: 2 });
+        let h = replica_health([(3, &healthy, 1), (3, &degraded, 1), (1, &lost, 1)]);
+        assert_eq!(h, ReplicaHealth { chunks: 3, under_replicated: 2, unavailable: 1, stale_replicas: 2, shared: 0 });
+    }
+
+    #[test]
+    fn a_shared_chunk_counts_once_with_the_most_copies_wanted() {
+        let mut other = chunk(&[1, 1], 1);
+        other.chunk_id = 2;
+        let distinct = distinct_chunks([(2, chunk(&[1, 1], 1)), (3, chunk(&[1, 1], 1)), (2, other)]);
+        assert_eq!(distinct.iter().map(|(d, c, r)| (*d, c.chunk_id, *r)).collect::<Vec<_>>(), vec![(3, 1, 2), (2, 2, 1)]);
+        let h = replica_health(distinct.iter().map(|(d, c, r)| (*d, c, *r)));
+        assert_eq!(h, ReplicaHealth { chunks: 2, under_replicated: 1, unavailable: 0, stale_replicas: 0, shared: 1 });
     }
 }

@@ -8,47 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{pattern, TestFs};
-
-struct LoopDevice(String);
-
-impl LoopDevice {
-    fn attach(image: &Path) -> LoopDevice {
-        let out = Command::new("losetup").args(["--find", "--show"]).arg(image).output().unwrap();
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-        LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string())
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-struct Ext4Mount(PathBuf);
-
-impl Ext4Mount {
-    fn mount(device: &str, at: &Path) -> Ext4Mount {
-        fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount").args(["-t", "ext4", device]).arg(at).status().unwrap().success();
-        assert!(ok, "mount {device}");
-        Ext4Mount(at.to_path_buf())
-    }
-}
-
-impl Drop for Ext4Mount {
-    fn drop(&mut self) {
-        if Command::new("umount").arg(&self.0).status().map(|s| !s.success()).unwrap_or(true) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-}
+use common::{pattern, run, Ext4Mount, LoopDevice, TestFs};
 
 /// Writes `count` files of varied sizes with fsync; returns what each should contain.
 fn workload(root: &Path, round: u64, count: u64) -> Vec<(PathBuf, Vec<u8>)> {

@@ -223,3 +223,46 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Runs a command that must succeed, showing its output if it does not.
+pub fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A loop device over an image file, detached on drop.
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    pub fn attach(image: &Path) -> LoopDevice {
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(image).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// An ext4 filesystem mounted from a device, unmounted on drop.
+pub struct Ext4Mount(pub PathBuf);
+
+impl Ext4Mount {
+    pub fn mount(device: &str, at: &Path) -> Ext4Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount").args(["-t", "ext4", device]).arg(at).status().unwrap().success();
+        assert!(ok, "mount {device}");
+        Ext4Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Ext4Mount {
+    fn drop(&mut self) {
+        if Command::new("umount").arg(&self.0).status().map(|s| !s.success()).unwrap_or(true) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
