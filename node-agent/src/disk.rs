@@ -43,6 +43,8 @@ use loop_device::{LoopDevice, LoopError};
 pub const BLOCK_SIZE: u64 = 4096;
 /// How long a loop device may take to be released after its last unmount.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
+/// How many fresh loop devices an attach tries when mounting fails with EIO.
+const FRESH_MOUNT_ATTEMPTS: u32 = 3;
 /// Data options of the host mount; see the module documentation.
 const MOUNT_DATA: &str = "errors=remount-ro,noinit_itable";
 
@@ -533,17 +535,33 @@ pub fn attach(image: &Path, mount_point: &Path) -> Result<AttachedDisk, DiskErro
 
     // The descriptor keeps the device attached until the mount holds it;
     // dropping it on any error below releases the device (autoclear).
-    let (device, _device_fd) =
-        loop_device::attach_file(&open_image()?, image).map_err(|source| DiskError::Loop {
-            image: image.to_path_buf(),
-            source,
-        })?;
-    mount_device(&device, &mount_point).map_err(|source| DiskError::Mount {
-        image: image.to_path_buf(),
-        loop_device: device.path.clone(),
-        mount_point: mount_point.clone(),
-        source,
-    })?;
+    // A fresh device can fail its first reads (EIO, "unable to read
+    // superblock") while other loop devices are attached and detached at the
+    // same moment; it happens about once in a hundred starts under heavy
+    // loop churn. Nothing was mounted then, so a new device is tried.
+    let mut attempt = 1;
+    let device = loop {
+        let (device, _device_fd) =
+            loop_device::attach_file(&open_image()?, image).map_err(|source| DiskError::Loop {
+                image: image.to_path_buf(),
+                source,
+            })?;
+        match mount_device(&device, &mount_point) {
+            Ok(()) => break device,
+            Err(nix::errno::Errno::EIO) if attempt < FRESH_MOUNT_ATTEMPTS => {
+                tracing::warn!(image = %image.display(), device = %device.path.display(), attempt, "fresh loop device failed its first read, retrying on another");
+                attempt += 1;
+            }
+            Err(source) => {
+                return Err(DiskError::Mount {
+                    image: image.to_path_buf(),
+                    loop_device: device.path.clone(),
+                    mount_point: mount_point.clone(),
+                    source,
+                })
+            }
+        }
+    };
     created.0 = None;
     tracing::info!(image = %image.display(), device = %device.path.display(), mount_point = %mount_point.display(), "disk attached");
     Ok(attached_disk(image, &device, mount_point))

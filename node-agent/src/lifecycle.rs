@@ -449,6 +449,25 @@ impl Node {
     }
 
     fn start_steps(&self, spec: &VeSpec, template: &template::Template, procfs_ready: bool) -> Result<()> {
+        // The VE's nft rules need only its identity: they are installed on
+        // another thread while the disk is mounted and the container made.
+        let bridge = self.bridge();
+        let ve_network = self.ve_network(spec);
+        std::thread::scope(|scope| {
+            let rules = scope.spawn(|| network::install_ve_rules(&bridge, &ve_network));
+            let pid = self.create_container(spec, template, procfs_ready);
+            let rules = rules.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let pid = pid?;
+            rules?;
+            network::attach_after_rules(&bridge, &ve_network, Path::new(&format!("/proc/{pid}/ns/net")))?;
+            self.runtime.start(&spec.name)?;
+            Ok(())
+        })
+    }
+
+    /// Mounts the VE's disk and creates its container (init waits for
+    /// `start`); returns init's pid.
+    fn create_container(&self, spec: &VeSpec, template: &template::Template, procfs_ready: bool) -> Result<i32> {
         let name = &spec.name;
         let run_dir = self.config.ve_run_dir(name);
         let mount = self.disk_mount(name);
@@ -487,10 +506,7 @@ impl Node {
             ..Default::default()
         };
         let state = self.runtime.create(name, &run_dir, &options)?;
-        let pid = state.pid;
-        network::attach(&self.bridge(), &self.ve_network(spec), Path::new(&format!("/proc/{pid}/ns/net")))?;
-        self.runtime.start(name)?;
-        Ok(())
+        Ok(state.pid)
     }
 
     fn cpuset(&self, spec: &VeSpec) -> Option<String> {

@@ -190,6 +190,38 @@ pub fn remove_bridge(cfg: &BridgeConfig) -> Result<(), NetworkError> {
 /// Re-attaching a VE replaces its previous veth. On failure nothing of the
 /// VE's network is left behind.
 pub fn attach(bridge: &BridgeConfig, ve: &VeNetwork, netns: &Path) -> Result<(), NetworkError> {
+    attach_with(bridge, ve, netns, RulesStep::Install)
+}
+
+/// [`attach`] for a VE whose rules [`install_ve_rules`] already put in place.
+pub fn attach_after_rules(bridge: &BridgeConfig, ve: &VeNetwork, netns: &Path) -> Result<(), NetworkError> {
+    attach_with(bridge, ve, netns, RulesStep::AlreadyInstalled)
+}
+
+/// The part of an attach that needs only the VE's identity, not its netns:
+/// its anti-spoofing rules (one libnftables transaction, the most CPU of an
+/// attach). A start installs them while the VE's container is being
+/// created, then calls [`attach_after_rules`]. The rules name the port, which
+/// does not exist yet: until then they match nothing.
+pub fn install_ve_rules(bridge: &BridgeConfig, ve: &VeNetwork) -> Result<(), NetworkError> {
+    validate::validate_bridge_name(&bridge.name).map_err(|reason| NetworkError::InvalidBridge {
+        bridge: bridge.name.clone(),
+        reason,
+    })?;
+    validate_ve(ve).map_err(|reason| NetworkError::InvalidVe {
+        ve_id: ve.ve_id.clone(),
+        reason,
+    })?;
+    install_rules(bridge, ve, &host_ifname_for_ve(&ve.ve_id))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RulesStep {
+    Install,
+    AlreadyInstalled,
+}
+
+fn attach_with(bridge: &BridgeConfig, ve: &VeNetwork, netns: &Path, rules: RulesStep) -> Result<(), NetworkError> {
     let started = Instant::now();
     check_attach_input(bridge, ve, netns)?;
     let ifname = host_ifname_for_ve(&ve.ve_id);
@@ -197,7 +229,7 @@ pub fn attach(bridge: &BridgeConfig, ve: &VeNetwork, netns: &Path) -> Result<(),
         tracing::warn!(ve = %ve.ve_id, %ifname, "replacing a leftover veth");
         delete_link(&ve.ve_id, &ifname)?;
     }
-    let result = configure_attach(bridge, ve, netns, &ifname);
+    let result = configure_attach(bridge, ve, netns, &ifname, rules);
     if result.is_err() {
         // Best effort: the original error is the one worth reporting.
         let _ = delete_link(&ve.ve_id, &ifname);
@@ -244,12 +276,16 @@ fn configure_attach(
     ve: &VeNetwork,
     netns: &Path,
     ifname: &str,
+    rules_step: RulesStep,
 ) -> Result<(), NetworkError> {
     // The rules name the port by ifname, so they are installed while the
     // veth is being created (the scoped thread inherits this thread's
     // netns); the VE end only comes up after both are done.
     let (rules, host_side) = std::thread::scope(|scope| {
-        let rules = scope.spawn(|| install_rules(bridge, ve, ifname));
+        let rules = scope.spawn(|| match rules_step {
+            RulesStep::Install => install_rules(bridge, ve, ifname),
+            RulesStep::AlreadyInstalled => Ok(()),
+        });
         let host_side = create_host_side(bridge, ve, netns, ifname);
         (rules.join(), host_side)
     });
