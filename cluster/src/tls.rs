@@ -109,14 +109,26 @@ impl CaMaterial {
         ips: Vec<IpAddr>,
         public_key: &impl rcgen::PublicKeyData,
     ) -> Result<String, TlsError> {
+        let names = ips.into_iter().map(SanType::IpAddress).collect();
+        self.sign_named(&format!("member-{member_id}"), names, public_key)
+    }
+
+    /// Signs a certificate named `common_name`, valid for `subject_alt_names`, for both ends
+    /// of a mutual TLS connection.
+    fn sign_named(
+        &self,
+        common_name: &str,
+        subject_alt_names: Vec<SanType>,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, TlsError> {
         let ca_key = KeyPair::from_pem(&self.key_pem)?;
         let ca_params = CertificateParams::from_ca_cert_pem(&self.cert_pem)?;
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, format!("member-{member_id}"));
+        name.push(DnType::CommonName, common_name);
         params.distinguished_name = name;
-        params.subject_alt_names = ips.into_iter().map(SanType::IpAddress).collect();
+        params.subject_alt_names = subject_alt_names;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -135,6 +147,32 @@ impl CaMaterial {
     pub fn issue(&self, member_id: u64, addrs: &[&str]) -> Result<MemberTls, TlsError> {
         let key = KeyPair::generate()?;
         let cert_pem = self.sign(member_id, ips_of(addrs)?, &key)?;
+        Ok(MemberTls {
+            ca_pem: self.cert_pem.clone(),
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate and key for a service that is not a store member (a chunk server,
+    /// a mount), named `common_name` and valid for the addresses `ips` and host names
+    /// `dns_names` it is reached at (none for a pure client).
+    pub fn issue_service(
+        &self,
+        common_name: &str,
+        ips: &[IpAddr],
+        dns_names: &[String],
+    ) -> Result<MemberTls, TlsError> {
+        let mut names: Vec<SanType> = ips.iter().copied().map(SanType::IpAddress).collect();
+        for dns in dns_names {
+            let name = rcgen::Ia5String::try_from(dns.as_str()).map_err(|e| TlsError::Bad {
+                what: format!("host name {dns:?}"),
+                reason: e.to_string(),
+            })?;
+            names.push(SanType::DnsName(name));
+        }
+        let key = KeyPair::generate()?;
+        let cert_pem = self.sign_named(common_name, names, &key)?;
         Ok(MemberTls {
             ca_pem: self.cert_pem.clone(),
             cert_pem,
@@ -256,8 +294,12 @@ impl MemberTls {
     }
 
     pub fn write(&self, data_dir: &Path) -> Result<(), TlsError> {
-        let dir = Self::dir(data_dir);
-        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        self.write_to(&Self::dir(data_dir))
+    }
+
+    /// Writes `ca.pem`, `member.pem` and `member.key` (mode 0600) into `dir`.
+    pub fn write_to(&self, dir: &Path) -> Result<(), TlsError> {
+        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         write_private(&dir.join("member.key"), &self.key_pem)?;
         for (name, text) in [("ca.pem", &self.ca_pem), ("member.pem", &self.cert_pem)] {
             let path = dir.join(name);
@@ -272,15 +314,20 @@ impl MemberTls {
         if !dir.exists() {
             return Ok(None);
         }
+        Self::read_from(&dir).map(Some)
+    }
+
+    /// Reads `ca.pem`, `member.pem` and `member.key` from `dir`.
+    pub fn read_from(dir: &Path) -> Result<Self, TlsError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(io_err("read", &path))
         };
-        Ok(Some(MemberTls {
+        Ok(MemberTls {
             ca_pem: read("ca.pem")?,
             cert_pem: read("member.pem")?,
             key_pem: read("member.key")?,
-        }))
+        })
     }
 
     fn parts(
@@ -324,6 +371,20 @@ impl MemberTls {
     /// rustls configurations for the peer transport.
     pub fn peer_configs(&self) -> Result<PeerTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (server, client) = self.mutual_configs(provider)?;
+        Ok(PeerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            connector: tokio_rustls::TlsConnector::from(client),
+        })
+    }
+
+    /// rustls configurations of mutual TLS with `provider`'s cipher suites: a server that
+    /// accepts only client certificates signed by the CA, and a client that presents this
+    /// certificate and checks the server's against the CA.
+    pub fn mutual_configs(
+        &self,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), TlsError> {
         let (roots, chain, key) = self.parts()?;
         let roots = Arc::new(roots);
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -343,10 +404,7 @@ impl MemberTls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
-        Ok(PeerTls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
-        })
+        Ok((Arc::new(server), Arc::new(client)))
     }
 }
 
@@ -395,5 +453,25 @@ mod tests {
         ));
         client_config(&ca.cert_pem).unwrap();
         assert!(client_config("garbage").is_err());
+    }
+
+    #[test]
+    fn service_certificates_name_their_addresses() {
+        let ca = CaMaterial::create().unwrap();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let service = ca
+            .issue_service("chunk-server-a", &[ip], &["storage-a.example".into()])
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        service.write_to(dir.path()).unwrap();
+        let back = MemberTls::read_from(dir.path()).unwrap();
+        assert_eq!(back.cert_pem, service.cert_pem);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        back.mutual_configs(provider).unwrap();
+        ca.issue_service("client-only", &[], &[]).unwrap();
+        assert!(matches!(
+            ca.issue_service("bad", &[], &["not a host name\u{e9}".into()]),
+            Err(TlsError::Bad { .. })
+        ));
     }
 }

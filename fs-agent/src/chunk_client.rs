@@ -1,13 +1,14 @@
 //! Talking to chunk servers: a small pool of connections per server, with timeouts so a
-//! stopped server turns into an error instead of a hang.
+//! stopped server turns into an error instead of a hang, over TCP or mutual TLS
+//! ([`crate::chunk_transport`]).
 
 use std::collections::HashMap;
-use std::io::BufReader;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::chunk_protocol::{read_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
+use crate::chunk_transport::{self, ConnectFailure, Stream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -17,6 +18,10 @@ pub enum ChunkClientError {
     /// The server could not be reached or the connection broke: the replica is unavailable.
     #[error("chunk server {server} unreachable: {reason}")]
     Unreachable { server: String, reason: String },
+    /// Connected, but TLS failed: a certificate problem, or one side does not talk TLS. The
+    /// replica is unavailable to this client and nothing was sent.
+    #[error("chunk server {server}: TLS refused: {reason}")]
+    Tls { server: String, reason: String },
     /// The server answered with a refusal.
     #[error("chunk server {server} refused: {failure:?}")]
     Refused { server: String, failure: ChunkFailure },
@@ -24,22 +29,33 @@ pub enum ChunkClientError {
     Protocol { server: String, answer: String },
 }
 
-struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+impl ChunkClientError {
+    /// The server cannot be used by this client at all (as opposed to refusing one request).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ChunkClientError::Unreachable { .. } | ChunkClientError::Tls { .. })
+    }
 }
 
 #[derive(Default)]
 pub struct ChunkClient {
-    idle: Mutex<HashMap<String, Vec<Connection>>>,
+    idle: Mutex<HashMap<String, Vec<Stream>>>,
+    /// Mutual TLS to every server; plain TCP without.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ChunkClient {
+    /// A client talking plain TCP (tests and single-machine setups).
     pub fn new() -> ChunkClient {
         ChunkClient::default()
     }
 
-    fn connect(server: &str) -> Result<Connection, ChunkClientError> {
+    /// A client talking mutual TLS with `tls` (see [`crate::chunk_transport::ChunkTls`]), or
+    /// plain TCP without.
+    pub fn with_tls(tls: Option<Arc<rustls::ClientConfig>>) -> ChunkClient {
+        ChunkClient { idle: Mutex::default(), tls }
+    }
+
+    fn connect(&self, server: &str) -> Result<Stream, ChunkClientError> {
         let unreachable = |reason: String| ChunkClientError::Unreachable { server: server.to_string(), reason };
         let addr = server
             .to_socket_addrs()
@@ -50,15 +66,17 @@ impl ChunkClient {
         stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
         stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| unreachable(e.to_string()))?;
         stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| unreachable(e.to_string()))?;
-        let writer = stream.try_clone().map_err(|e| unreachable(e.to_string()))?;
-        Ok(Connection { reader: BufReader::new(stream), writer })
+        chunk_transport::client(server, stream, self.tls.as_ref()).map_err(|failure| match failure {
+            ConnectFailure::Unreachable(reason) => unreachable(reason),
+            ConnectFailure::Tls(reason) => ChunkClientError::Tls { server: server.to_string(), reason },
+        })
     }
 
     /// Sends one request and waits for its answer; `Failed` answers become `Refused`.
     pub fn call(&self, server: &str, request: &ChunkRequest) -> Result<ChunkResponse, ChunkClientError> {
         let pooled = self.idle.lock().expect("pool").get_mut(server).and_then(|v| v.pop());
         // A pooled connection may have been closed by a restarted server: retry once on a fresh one.
-        let attempts: Vec<Option<Connection>> = match pooled {
+        let attempts: Vec<Option<Stream>> = match pooled {
             Some(c) => vec![Some(c), None],
             None => vec![None],
         };
@@ -66,9 +84,9 @@ impl ChunkClient {
         for conn in attempts {
             let mut conn = match conn {
                 Some(c) => c,
-                None => Self::connect(server)?,
+                None => self.connect(server)?,
             };
-            let result = write_frame(&mut conn.writer, request).and_then(|()| read_frame::<ChunkResponse>(&mut conn.reader));
+            let result = write_frame(&mut conn, request).and_then(|()| read_frame::<ChunkResponse>(&mut conn));
             match result {
                 Ok(ChunkResponse::Failed(failure)) => {
                     self.idle.lock().expect("pool").entry(server.to_string()).or_default().push(conn);
@@ -78,7 +96,12 @@ impl ChunkClient {
                     self.idle.lock().expect("pool").entry(server.to_string()).or_default().push(conn);
                     return Ok(answer);
                 }
-                Err(FrameError::Io(e)) => last_error = Some(e.to_string()),
+                // A server refusing this client's certificate says so after the handshake,
+                // with an alert in place of the first answer.
+                Err(FrameError::Io(e)) => match chunk_transport::tls_failure(&e) {
+                    Some(reason) => return Err(ChunkClientError::Tls { server: server.to_string(), reason }),
+                    None => last_error = Some(e.to_string()),
+                },
                 Err(e) => return Err(ChunkClientError::Protocol { server: server.to_string(), answer: e.to_string() }),
             }
         }

@@ -111,29 +111,41 @@ pub enum FrameError {
     Malformed(#[from] bincode::Error),
 }
 
+/// Serializes `message` straight after its length prefix: one buffer, one copy of a payload.
 pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> Result<(), FrameError> {
-    let payload = bincode::serialize(message)?;
-    if payload.len() > MAX_FRAME_BYTES as usize {
-        return Err(FrameError::TooLarge(payload.len() as u32));
+    let size = bincode::serialized_size(message)?;
+    if size > MAX_FRAME_BYTES as u64 {
+        return Err(FrameError::TooLarge(size.min(u32::MAX as u64) as u32));
     }
-    let mut frame = Vec::with_capacity(payload.len() + 4);
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
+    let mut frame = Vec::with_capacity(size as usize + 4);
+    frame.extend_from_slice(&(size as u32).to_be_bytes());
+    bincode::serialize_into(&mut frame, message)?;
     stream.write_all(&frame)?;
     stream.flush()?;
     Ok(())
 }
 
+/// Deserializes a frame's payload straight from the stream, so a data payload is read into
+/// its own buffer once. The frame's length bounds what it may allocate.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut impl Read) -> Result<T, FrameError> {
+    use bincode::Options;
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len);
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    stream.read_exact(&mut payload)?;
-    Ok(bincode::deserialize(&payload)?)
+    // The encoding of `bincode::serialize`, limited to this frame.
+    let options = bincode::options().with_fixint_encoding().allow_trailing_bytes().with_limit(len as u64);
+    let mut payload = stream.take(len as u64);
+    let message = options.deserialize_from(&mut payload).map_err(|e| match *e {
+        // Running out of the frame is a malformed message; out of the stream, a broken connection.
+        bincode::ErrorKind::Io(io) if payload.limit() > 0 || io.kind() != io::ErrorKind::UnexpectedEof => FrameError::Io(io),
+        other => FrameError::Malformed(Box::new(other)),
+    })?;
+    // Bytes the message did not use, so the next frame starts where it should.
+    io::copy(&mut payload, &mut io::sink())?;
+    Ok(message)
 }
 
 #[cfg(test)]
@@ -153,5 +165,24 @@ mod tests {
         assert!(matches!(read_frame::<ChunkResponse>(&mut buf.as_slice()).unwrap(), ChunkResponse::Data(d) if d == [1, 2, 3]));
         let garbage = [0u8, 0, 0, 2, 0xff, 0xff];
         assert!(matches!(read_frame::<ChunkRequest>(&mut garbage.as_slice()), Err(FrameError::Malformed(_))));
+        // A payload claiming more bytes than its frame holds is malformed, and allocates nothing.
+        let mut lying = vec![0u8, 0, 0, 12];
+        lying.extend_from_slice(&2u32.to_le_bytes());
+        lying.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(read_frame::<ChunkResponse>(&mut lying.as_slice()), Err(FrameError::Malformed(_))));
+        // A connection that ends inside a frame is a connection error.
+        let mut cut = Vec::new();
+        write_frame(&mut cut, &ChunkResponse::Data(vec![7; 100])).unwrap();
+        cut.truncate(50);
+        assert!(matches!(read_frame::<ChunkResponse>(&mut cut.as_slice()), Err(FrameError::Io(_))));
+        // Bytes a message does not use are skipped: the next frame reads fine.
+        let mut padded = Vec::new();
+        write_frame(&mut padded, &ChunkResponse::Done).unwrap();
+        padded[3] += 3;
+        padded.extend_from_slice(&[9, 9, 9]);
+        write_frame(&mut padded, &ChunkResponse::Version(5)).unwrap();
+        let mut stream = padded.as_slice();
+        assert!(matches!(read_frame::<ChunkResponse>(&mut stream).unwrap(), ChunkResponse::Done));
+        assert!(matches!(read_frame::<ChunkResponse>(&mut stream).unwrap(), ChunkResponse::Version(5)));
     }
 }

@@ -1,6 +1,6 @@
-//! The chunk server process: serves a [`ChunkStore`] over TCP, one thread per connection.
+//! The chunk server process: serves a [`ChunkStore`] over TCP or mutual TLS
+//! ([`crate::chunk_transport`]), one thread per connection.
 
-use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::chunk_protocol::{read_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
 use crate::chunk_store::{ChunkStore, ChunkStoreError};
+use crate::chunk_transport::{self, Accepted};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkServerError {
@@ -59,35 +60,45 @@ pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
     })
 }
 
-fn serve_connection(store: &ChunkStore, stream: TcpStream) {
+fn serve_connection(store: &ChunkStore, stream: TcpStream, tls: Option<&Arc<rustls::ServerConfig>>) {
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let _ = stream.set_nodelay(true);
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
+    let mut stream = match chunk_transport::accept(&peer, stream, tls) {
+        Accepted::Serve(stream) => stream,
+        Accepted::RefusePlain(mut socket, reason) => {
+            let _ = write_frame(&mut socket, &ChunkResponse::Failed(ChunkFailure::BadRequest(reason)));
+            socket.close_gracefully();
+            return;
+        }
+        Accepted::Dropped => return,
     };
-    let mut reader = BufReader::new(stream);
     loop {
-        let request: ChunkRequest = match read_frame(&mut reader) {
+        let request: ChunkRequest = match read_frame(&mut stream) {
             Ok(r) => r,
-            Err(FrameError::Io(_)) => return,
+            Err(FrameError::Io(e)) => {
+                if let Some(reason) = chunk_transport::tls_failure(&e) {
+                    tracing::warn!(%peer, "TLS connection failed: {reason}");
+                }
+                return;
+            }
             Err(e) => {
                 // A malformed frame leaves the stream unsynchronized: answer once and hang up.
                 tracing::warn!(%peer, "bad frame: {e}");
-                let _ = write_frame(&mut writer, &ChunkResponse::Failed(ChunkFailure::BadRequest(e.to_string())));
+                let _ = write_frame(&mut stream, &ChunkResponse::Failed(ChunkFailure::BadRequest(e.to_string())));
                 return;
             }
         };
         let response = handle(store, request);
-        if write_frame(&mut writer, &response).is_err() {
+        if write_frame(&mut stream, &response).is_err() {
             return;
         }
     }
 }
 
-/// Opens the store in `data_dir` and serves on `listener` until the process ends; scrubs every
-/// replica every `scrub_interval` (never if `None`).
-pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_interval: Option<Duration>) -> Result<(), ChunkServerError> {
+/// Opens the store in `data_dir` and serves on `listener` until the process ends, to TLS clients
+/// only with `tls` (mutual TLS), to plain TCP clients only without; scrubs every replica every
+/// `scrub_interval` (never if `None`).
+pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_interval: Option<Duration>, tls: Option<Arc<rustls::ServerConfig>>) -> Result<(), ChunkServerError> {
     let store = Arc::new(ChunkStore::open(data_dir, chunk_size)?);
     if let Some(interval) = scrub_interval {
         let store = store.clone();
@@ -98,11 +109,15 @@ pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_inte
             }
         });
     }
-    tracing::info!(addr = ?listener.local_addr().ok(), data = %data_dir.display(), "chunk server ready");
+    tracing::info!(addr = ?listener.local_addr().ok(), data = %data_dir.display(), tls = tls.is_some(), "chunk server ready");
+    if tls.is_none() {
+        tracing::warn!("serving plain TCP: anyone on the storage network can read and write replicas; production needs --tls-dir");
+    }
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let store = store.clone();
-        std::thread::spawn(move || serve_connection(&store, stream));
+        let tls = tls.clone();
+        std::thread::spawn(move || serve_connection(&store, stream, tls.as_ref()));
     }
     Ok(())
 }

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use crate::chunk_client::{ChunkClient, ChunkClientError};
 use crate::chunk_protocol::{ChunkFailure, ChunkRequest, ChunkResponse};
 use crate::chunk_store::BLOCK_SIZE;
+use crate::healer;
 use crate::namespace::{ChunkInfo, HeldLease, Namespace, NamespaceError, Replica};
 use crate::placement::place_replicas;
+use crate::servers::ServerStates;
 
 /// Default chunk size: 64 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
@@ -29,8 +31,8 @@ pub enum DataError {
     NoReadableReplica { ino: u64, index: u64, failures: String },
     #[error("no chunk server is registered: start `fs-agent chunkserver --meta ...` on the storage nodes")]
     NoServers,
-    #[error("file {ino} chunk {index}: only {usable:?} of the chunk servers answer with free space, fewer than the {min_copies} copies a write needs; free space or add servers")]
-    NoSpace { ino: u64, index: u64, usable: Vec<String>, min_copies: usize },
+    #[error("file {ino} chunk {index}: only {usable:?} of the chunk servers answer with free space, fewer than the {min_copies} copies a write needs; free space or add servers{unanswered}")]
+    NoSpace { ino: u64, index: u64, usable: Vec<String>, min_copies: usize, unanswered: String },
 }
 
 impl DataError {
@@ -53,6 +55,8 @@ pub struct HealOutcome {
     pub still_under_replicated: u64,
     /// Chunks with no current replica to copy from.
     pub unavailable: u64,
+    /// Bytes copied to new replicas.
+    pub bytes_copied: u64,
 }
 
 pub struct FileData {
@@ -96,6 +100,16 @@ impl FileData {
         }
     }
 
+    /// Talk to the chunk servers through `chunks` (mutual TLS when it has TLS material).
+    pub fn with_chunk_client(mut self, chunks: ChunkClient) -> FileData {
+        self.chunks = chunks;
+        self
+    }
+
+    pub fn chunk_client(&self) -> &ChunkClient {
+        &self.chunks
+    }
+
     /// Reads prefer `server` (this node's chunk server) when it holds a current replica.
     pub fn with_local_server(mut self, server: Option<String>) -> FileData {
         self.local_server = server;
@@ -133,7 +147,7 @@ impl FileData {
                 Ok(_) => fanout.succeeded.push(server),
                 Err(e) => {
                     tracing::warn!(%server, "replica failed: {e}");
-                    if matches!(e, ChunkClientError::Unreachable { .. }) {
+                    if e.is_unavailable() {
                         self.chunks.forget(&server);
                     }
                     fanout.failures.push((server, e));
@@ -167,9 +181,11 @@ impl FileData {
                 None => {
                     let Some(copies) = allocate else { return Ok(None) };
                     let chunk_id: u64 = rand::random();
-                    let placed = place_replicas(&self.placement_candidates(copies)?, copies as usize, chunk_id);
+                    let (candidates, unanswered) = self.placement_candidates(copies)?;
+                    let placed = place_replicas(&candidates, copies as usize, chunk_id);
                     if placed.len() < self.min_copies {
-                        return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies });
+                        let unanswered = if unanswered.is_empty() { String::new() } else { format!(" (not answering: {})", unanswered.join("; ")) };
+                        return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies, unanswered });
                     }
                     let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
                     match self.namespace.put_chunk(lease, index, &chunk, 0)? {
@@ -227,27 +243,31 @@ impl FileData {
 
     /// Servers a new chunk may go to: those that answer and have room for a whole chunk; if
     /// that is fewer than `copies`, those that answer at all (their writes may then fail
-    /// with ENOSPC, which marks them stale).
-    fn placement_candidates(&self, copies: u32) -> Result<Vec<String>, DataError> {
-        let servers = self.namespace.servers()?;
+    /// with ENOSPC, which marks them stale). Draining servers get no new chunks. Also returns
+    /// why the others did not answer.
+    fn placement_candidates(&self, copies: u32) -> Result<(Vec<String>, Vec<String>), DataError> {
+        let draining = crate::servers::draining(&self.namespace)?;
+        let servers: Vec<String> = self.namespace.servers()?.into_iter().filter(|s| !draining.contains(s)).collect();
         if servers.is_empty() {
             return Err(DataError::NoServers);
         }
-        let answers: Vec<(String, Option<u64>)> = std::thread::scope(|scope| {
+        let answers: Vec<(String, Result<u64, String>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = servers.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, &ChunkRequest::Capacity)))).collect();
             handles
                 .into_iter()
                 .map(|(s, h)| match h.join().expect("capacity call thread") {
-                    Ok(ChunkResponse::Capacity { free, .. }) => (s, Some(free)),
-                    _ => (s, None),
+                    Ok(ChunkResponse::Capacity { free, .. }) => (s, Ok(free)),
+                    Ok(other) => (s, Err(format!("unexpected answer {other:?}"))),
+                    Err(e) => (s, Err(e.to_string())),
                 })
                 .collect()
         });
-        let with_room: Vec<String> = answers.iter().filter(|(_, free)| free.is_some_and(|f| f >= self.chunk_size)).map(|(s, _)| s.clone()).collect();
+        let unanswered: Vec<String> = answers.iter().filter_map(|(_, free)| free.as_ref().err().cloned()).collect();
+        let with_room: Vec<String> = answers.iter().filter(|(_, free)| free.as_ref().is_ok_and(|f| *f >= self.chunk_size)).map(|(s, _)| s.clone()).collect();
         if with_room.len() >= copies as usize {
-            return Ok(with_room);
+            return Ok((with_room, unanswered));
         }
-        Ok(answers.into_iter().filter(|(_, free)| free.is_some()).map(|(s, _)| s).collect())
+        Ok((answers.into_iter().filter(|(_, free)| free.is_ok()).map(|(s, _)| s).collect(), unanswered))
     }
 
     fn forget_cached(&self, ino: u64, index: u64) {
@@ -400,7 +420,7 @@ impl FileData {
                 match self.chunks.call(&server, &request) {
                     Ok(ChunkResponse::Data(data)) if data.len() as u64 == len => {
                         for (bad_server, block) in corrupt {
-                            self.repair_block(&chunk, &server, &bad_server, block);
+                            let _ = self.repair_block(&chunk, &server, &bad_server, block);
                         }
                         return Ok(data);
                     }
@@ -418,9 +438,10 @@ impl FileData {
         Err(DataError::NoReadableReplica { ino, index, failures: failures.join("; ") })
     }
 
-    /// Copies `block` from the replica `good` over the corrupt one on `bad` (same version).
-    /// Best effort: a failed repair leaves the block detected as corrupt, as before.
-    fn repair_block(&self, chunk: &ChunkInfo, good: &str, bad: &str, block: u64) {
+    /// Copies `block` from the replica `good` over the corrupt one on `bad` (same version):
+    /// `Ok(true)` if it did, `Ok(false)` if the block on `bad` is not corrupt (any more). Best
+    /// effort: a failed repair leaves the block detected as corrupt.
+    pub fn repair_block(&self, chunk: &ChunkInfo, good: &str, bad: &str, block: u64) -> Result<bool, ChunkClientError> {
         let block_start = block * BLOCK_SIZE;
         let len = BLOCK_SIZE.min(self.chunk_size - block_start);
         let read = ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset: block_start, len };
@@ -432,9 +453,17 @@ impl FileData {
             Err(e) => Err(e),
         };
         match result {
-            Ok(ChunkResponse::Repaired(true)) => tracing::info!(chunk_id = chunk.chunk_id, block, %bad, from = %good, "repaired a corrupt block"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(chunk_id = chunk.chunk_id, block, %bad, "could not repair a corrupt block: {e}"),
+            Ok(ChunkResponse::Repaired(repaired)) => {
+                if repaired {
+                    tracing::info!(chunk_id = chunk.chunk_id, block, %bad, from = %good, "repaired a corrupt block");
+                }
+                Ok(repaired)
+            }
+            Ok(other) => Err(ChunkClientError::Protocol { server: bad.to_string(), answer: format!("{other:?}") }),
+            Err(e) => {
+                tracing::warn!(chunk_id = chunk.chunk_id, block, %bad, "could not repair a corrupt block: {e}");
+                Err(e)
+            }
         }
     }
 
@@ -566,28 +595,41 @@ impl FileData {
         Ok(())
     }
 
-    /// Brings every chunk of the leased file back to `copies` current replicas: copies a
-    /// current replica to servers that hold none (reachable, registered ones), then records
-    /// them, dropping stale entries. The caller must keep writes to this file out meanwhile
-    /// (it holds the lease and does not write), since a copy racing a write would miss it.
-    /// `only`: heal just that chunk index (so a writer can let writes through between chunks).
+    /// Indexes of the chunks of file `ino` that [`FileData::heal_file`] would change: short of
+    /// `copies`, with stale entries, or with replicas on servers that are leaving (draining,
+    /// declared dead, removed).
+    pub fn chunks_to_heal(&self, ino: u64, copies: u32) -> Result<Vec<u64>, DataError> {
+        let states = ServerStates::load(&self.namespace)?;
+        Ok(self.namespace.chunks(ino)?.into_iter().filter(|(_, c, _)| healer::needs_healing(c, copies, &states)).map(|(i, _, _)| i).collect())
+    }
+
+    /// Brings every chunk of the leased file back to `copies` current replicas on servers that
+    /// stay: copies a current replica to registered servers that answer and hold none, then
+    /// records them, dropping stale entries and, once enough copies stay, the replicas on
+    /// servers that are leaving (see [`crate::servers`]). The caller must keep writes to this
+    /// file out meanwhile (it holds the lease and does not write), since a copy racing a write
+    /// would miss it. `only`: heal just that chunk index (so a writer can let writes through
+    /// between chunks).
     pub fn heal_file(&self, lease: &HeldLease, copies: u32, file_size: u64, only: Option<u64>) -> Result<HealOutcome, DataError> {
         let mut outcome = HealOutcome::default();
+        let states = ServerStates::load(&self.namespace)?;
         let servers = self.namespace.servers()?;
         let up: Vec<String> = servers.into_iter().filter(|s| matches!(self.chunks.call(s, &ChunkRequest::Capacity), Ok(ChunkResponse::Capacity { .. }))).collect();
         // A chunk this file points at twice is healed once: that changes both records.
         let mut healed_ids = std::collections::HashSet::new();
         for (index, chunk, revision) in self.namespace.chunks(lease.ino)? {
-            let current = chunk.current_servers();
-            if only.is_some_and(|i| i != index) || (current.len() >= copies as usize && current.len() == chunk.replicas.len()) || !healed_ids.insert(chunk.chunk_id) {
+            if only.is_some_and(|i| i != index) || !healer::needs_healing(&chunk, copies, &states) || !healed_ids.insert(chunk.chunk_id) {
                 continue;
             }
-            let Some(source) = current.first().cloned() else {
+            let current = chunk.current_servers();
+            // Any current replica that answers is a source, a draining one too.
+            let Some(source) = current.iter().find(|s| up.contains(s)).cloned() else {
                 outcome.unavailable += 1;
                 continue;
             };
-            let wanted = (copies as usize).saturating_sub(current.len());
-            let candidates: Vec<String> = up.iter().filter(|s| !current.contains(s)).cloned().collect();
+            let staying = current.iter().filter(|s| !states.retiring(s)).count();
+            let wanted = (copies as usize).saturating_sub(staying);
+            let candidates: Vec<String> = up.iter().filter(|s| states.placeable(s) && !current.contains(s)).cloned().collect();
             let chunk_start = index * self.chunk_size;
             let extent = file_size.saturating_sub(chunk_start).min(self.chunk_size);
             let mut added = Vec::new();
@@ -600,20 +642,23 @@ impl FileData {
                     Err(e) => tracing::warn!(chunk_id = chunk.chunk_id, %target, "cannot copy a replica there: {e}"),
                 }
             }
-            let stale: Vec<ChunkInfo> = vec![ChunkInfo {
-                chunk_id: chunk.chunk_id,
-                version: chunk.version,
-                replicas: chunk.replicas.iter().filter(|r| r.version != chunk.version && !added.contains(&r.server)).cloned().collect(),
-            }];
-            let mut healed = ChunkInfo { chunk_id: chunk.chunk_id, version: chunk.version, replicas: vec![] };
-            healed.replicas = current.iter().chain(added.iter()).map(|server| Replica { server: server.clone(), version: chunk.version }).collect();
+            let (healed, dropped) = healer::healed_replicas(&chunk, copies, &states, &added);
+            if added.is_empty() && dropped.is_empty() {
+                if staying < copies as usize {
+                    outcome.still_under_replicated += 1;
+                }
+                continue;
+            }
             // A shared chunk is healed once for every file sharing it: all their records change.
             if self.namespace.put_chunk_everywhere(lease, index, &healed, revision)?.is_none() {
                 return Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into());
             }
-            self.delete_replicas(&stale);
+            // Dropped replicas are garbage now; servers that do not answer keep theirs.
+            let garbage = ChunkInfo { chunk_id: chunk.chunk_id, version: chunk.version, replicas: dropped.into_iter().filter(|r| up.contains(&r.server)).collect() };
+            self.delete_replicas(std::slice::from_ref(&garbage));
             outcome.copied += added.len() as u64;
-            if healed.replicas.len() < copies as usize {
+            outcome.bytes_copied += extent * added.len() as u64;
+            if healed.current_servers().iter().filter(|s| !states.retiring(s)).count() < copies as usize {
                 outcome.still_under_replicated += 1;
             }
         }

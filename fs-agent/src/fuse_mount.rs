@@ -106,14 +106,7 @@ impl SharedFs {
                 let files: Vec<(u64, Arc<Mutex<OpenFile>>)> = open_files.lock().expect("open files").iter().map(|(i, f)| (*i, f.clone())).collect();
                 for (ino, file) in files {
                     let copies = file.lock().expect("open file").copies;
-                    let degraded: Vec<u64> = match data.namespace().chunks(ino) {
-                        Ok(chunks) => chunks
-                            .iter()
-                            .filter(|(_, c, _)| c.current_servers().len() < copies as usize || c.current_servers().len() != c.replicas.len())
-                            .map(|(i, _, _)| *i)
-                            .collect(),
-                        Err(_) => continue,
-                    };
+                    let Ok(degraded) = data.chunks_to_heal(ino, copies) else { continue };
                     // One chunk at a time under the file's lock: writes wait for one chunk's copy only.
                     for index in degraded {
                         let state = file.lock().expect("open file");
@@ -424,7 +417,7 @@ impl SharedFs {
 
     fn statfs_totals(&self) -> (u64, u64) {
         let servers = self.data.namespace().servers().unwrap_or_default();
-        let client = crate::chunk_client::ChunkClient::new();
+        let client = self.data.chunk_client();
         let (mut free, mut total) = (0u64, 0u64);
         for server in &servers {
             if let Ok(ChunkResponse::Capacity { free: f, total: t }) = client.call(server, &ChunkRequest::Capacity) {

@@ -3,14 +3,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use fs_agent::chunk_client::ChunkClient;
+use fs_agent::chunk_transport::ChunkTls;
 use fs_agent::file_data::{FileData, DEFAULT_CHUNK_SIZE};
 use fs_agent::fuse_mount::{self, SharedFs};
+use fs_agent::healer::{self, HealerOptions, HealerStatus};
 use fs_agent::metadata_store::ClusterMetadata;
 use fs_agent::namespace::{resolve_path, FsConfig, Inode, InodeKind, Namespace};
+use fs_agent::servers;
 
 #[derive(Parser)]
 #[command(name = "fs-agent", about = "Shared replicated filesystem: chunk server and FUSE mount")]
@@ -18,6 +23,11 @@ struct Cli {
     /// The cluster store's CA certificate (PEM file): talk TLS to the store and check it.
     #[arg(long, global = true, env = "FS_AGENT_META_CA")]
     meta_ca: Option<PathBuf>,
+    /// Mutual TLS to chunk servers: a directory with ca.pem (the cluster CA), member.pem and
+    /// member.key (this process's certificate, from `fs-agent cert-create`). A chunk server
+    /// given one serves TLS clients only. Without it, plain TCP (trusted networks only).
+    #[arg(long, global = true, env = "FS_AGENT_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -42,6 +52,29 @@ enum Cmd {
         /// Seconds between background scrub passes over every replica (0: never).
         #[arg(long, env = "FS_AGENT_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
         scrub_interval_secs: u64,
+        /// Seconds between heartbeats in the metadata store (the healer declares a server dead
+        /// after --dead-after-secs without one).
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+    },
+    /// Issue a certificate signed by the cluster CA for a chunk server or a client (mount,
+    /// operator commands), into OUT (ca.pem, member.pem, member.key): pass OUT as --tls-dir.
+    CertCreate {
+        /// The cluster CA directory (ca.pem, ca.key), from `cluster-store ca-create`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The certificate's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// An IP address clients reach this chunk server at (repeat for several). Not needed
+        /// for a certificate used only as a client.
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// A host name clients reach this chunk server at (repeat for several).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
     },
     /// Mount the filesystem whose metadata lives in the cluster store at META.
     Mount {
@@ -84,10 +117,53 @@ enum Cmd {
         path: String,
     },
     /// One healing pass: re-replicate every under-replicated chunk of files nobody is writing
-    /// (files with a held write lease are skipped and reported).
+    /// (files with a held write lease are skipped and reported), as one pass of `healer`.
     Heal {
         #[arg(long, env = "FS_AGENT_META")]
         meta: String,
+        /// A server not answering is dead (its replicas are copied elsewhere) once it has sent
+        /// no heartbeat for this long; 0: at once.
+        #[arg(long, default_value_t = 0)]
+        dead_after_secs: u64,
+        /// Also repair the corrupt blocks the servers' scrubs found, from good replicas.
+        #[arg(long)]
+        scrub: bool,
+    },
+    /// Heal continuously: every --interval-secs, declare dead the servers silent for
+    /// --dead-after-secs, re-replicate what lacks copies, repair the corrupt blocks scrubs
+    /// found. Progress goes to the log and to `fs-agent status`.
+    Healer {
+        #[arg(long, env = "FS_AGENT_META")]
+        meta: String,
+        #[arg(long, default_value_t = 30)]
+        interval_secs: u64,
+        /// Grace period of a server that neither answers nor sends heartbeats (a restart
+        /// shorter than this costs no copies).
+        #[arg(long, default_value_t = 60)]
+        dead_after_secs: u64,
+        /// This healer's name in write leases (default: healer-<host name>). A restarted
+        /// healer with the same name gets back the leases it held.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Drain a chunk server before removing it: it gets no new chunks, and healing copies its
+    /// replicas to other servers, then drops them. `--cancel` ends the draining.
+    DrainServer {
+        #[arg(long, env = "FS_AGENT_META")]
+        meta: String,
+        addr: String,
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Remove a stopped chunk server from the registry. Refused while it answers, or while it
+    /// holds current replicas unless --force (its disk is lost: healing copies them from the
+    /// other replicas).
+    RemoveServer {
+        #[arg(long, env = "FS_AGENT_META")]
+        meta: String,
+        addr: String,
+        #[arg(long)]
+        force: bool,
     },
     /// Clone the file SRC to the new file DST (paths from the filesystem root), copy-on-write:
     /// DST shares SRC's chunks until either file writes them. SRC must not be open for writing.
@@ -135,6 +211,50 @@ fn namespace(meta: &str, ca: Option<&PathBuf>) -> Result<Arc<Namespace>> {
     Ok(Arc::new(Namespace::new(Arc::new(store))))
 }
 
+/// This process's TLS material for chunk connections, if it has any.
+fn chunk_tls(dir: Option<&PathBuf>) -> Result<Option<ChunkTls>> {
+    Ok(dir.map(|dir| ChunkTls::load(dir)).transpose()?)
+}
+
+/// A chunk client speaking TLS when this process has TLS material.
+fn chunk_client(tls: Option<&ChunkTls>) -> ChunkClient {
+    ChunkClient::with_tls(tls.map(ChunkTls::client_config))
+}
+
+/// A new (empty) data directory at an address chunk records still list would answer for
+/// replicas it does not have: refused, with what to do instead.
+fn refuse_new_disk_at_known_address(ns: &Namespace, addr: &str, data: &std::path::Path) -> Result<()> {
+    let held = current_replicas_on(ns, addr)?;
+    if held > 0 {
+        bail!(
+            "{} is a new data directory, but {held} chunks still list {addr} as holding a current replica: start the new disk under a new address (another port) and `fs-agent remove-server --force {addr}`, or wait until the healer has copied them elsewhere (`fs-agent status` shows 0 replicas on {addr})",
+            data.display()
+        );
+    }
+    Ok(())
+}
+
+/// How many distinct chunks list `addr` as a current replica.
+fn current_replicas_on(ns: &Namespace, addr: &str) -> Result<usize> {
+    let mut chunks: Vec<u64> = fs_agent::status::chunk_records(ns)?.into_iter().filter(|(_, c)| c.current_servers().iter().any(|s| s == addr)).map(|(_, c)| c.chunk_id).collect();
+    chunks.sort();
+    chunks.dedup();
+    Ok(chunks.len())
+}
+
+/// Renews the chunk server's registration every `interval`, so the healer knows it is alive.
+fn spawn_heartbeat(ns: Arc<Namespace>, addr: String, interval: Duration) {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if let Err(e) = servers::heartbeat(&ns, &addr, interval.as_secs()) {
+                tracing::warn!("cannot renew this chunk server's heartbeat: {e}");
+            }
+        })
+        .expect("spawn the heartbeat thread");
+}
+
 /// `fs-agent clone`: takes SRC's write lease for the clone (refused while another writer
 /// holds it), so SRC cannot change meanwhile.
 fn clone(ns: &Namespace, src: &str, dst: &str) -> Result<Inode> {
@@ -159,15 +279,37 @@ fn clone(ns: &Namespace, src: &str, dst: &str) -> Result<Inode> {
 
 fn run(cli: Cli) -> Result<()> {
     let ca = cli.meta_ca.as_ref();
+    let tls = chunk_tls(cli.tls_dir.as_ref())?;
+    let tls = tls.as_ref();
     match cli.command {
-        Cmd::Chunkserver { listen, data, meta, advertise, max_chunk_size, scrub_interval_secs } => {
+        Cmd::Chunkserver { listen, data, meta, advertise, max_chunk_size, scrub_interval_secs, heartbeat_secs } => {
             let listener = fs_agent::chunk_server::bind(&listen)?;
-            if let Some(meta) = meta {
-                let addr = advertise.unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()));
-                namespace(&meta, ca)?.register_server(&addr).with_context(|| format!("cannot register chunk server {addr}"))?;
+            let addr = advertise.unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()));
+            if let Some(tls) = tls {
+                tls.check_serves(&addr)?;
             }
-            let scrub_interval = (scrub_interval_secs > 0).then(|| std::time::Duration::from_secs(scrub_interval_secs));
-            fs_agent::chunk_server::serve(listener, &data, max_chunk_size, scrub_interval)?;
+            if let Some(meta) = meta {
+                let ns = namespace(&meta, ca)?;
+                if !data.join("chunks").exists() {
+                    refuse_new_disk_at_known_address(&ns, &addr, &data)?;
+                }
+                servers::heartbeat(&ns, &addr, heartbeat_secs).with_context(|| format!("cannot register chunk server {addr}"))?;
+                spawn_heartbeat(ns, addr.clone(), Duration::from_secs(heartbeat_secs.max(1)));
+            }
+            let scrub_interval = (scrub_interval_secs > 0).then(|| Duration::from_secs(scrub_interval_secs));
+            fs_agent::chunk_server::serve(listener, &data, max_chunk_size, scrub_interval, tls.map(ChunkTls::server_config))?;
+        }
+        Cmd::CertCreate { ca_dir, out, name, ips, dns_names } => {
+            let name = match name {
+                Some(name) => name,
+                None => nix::unistd::gethostname()?.to_string_lossy().to_string(),
+            };
+            let ca = cluster::tls::CaMaterial::read(&ca_dir).with_context(|| format!("cannot read the cluster CA in {}", ca_dir.display()))?;
+            let issued = ca.issue_service(&format!("fs-agent {name}"), &ips, &dns_names)?;
+            issued.write_to(&out)?;
+            let names: Vec<String> = ips.iter().map(|ip| ip.to_string()).chain(dns_names).collect();
+            let serves = if names.is_empty() { "a client only (it names no address a chunk server could use)".to_string() } else { format!("{} (client, and chunk server at those addresses)", names.join(", ")) };
+            println!("certificate for {name} written to {}: {serves}; pass --tls-dir {}", out.display(), out.display());
         }
         Cmd::Mount { meta, replicas, min_copies, chunk_size, threads, node_id, local_server, heal_interval_secs, mountpoint } => {
             fuse_mount::block_termination_signals();
@@ -185,11 +327,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let ns = namespace(&meta, ca)?;
             let config = ns.init(replicas, FsConfig { chunk_size }).context("cannot open the filesystem metadata")?;
-            let data = FileData::new(ns, config.chunk_size, min_copies).with_local_server(local_server);
+            let data = FileData::new(ns, config.chunk_size, min_copies).with_local_server(local_server).with_chunk_client(chunk_client(tls));
             let fs = SharedFs::new(data, &node_id);
             fs.drop_stale_locks().context("cannot clear this node's byte-range locks from an earlier run")?;
             if heal_interval_secs > 0 {
-                fs.spawn_healer(std::time::Duration::from_secs(heal_interval_secs));
+                fs.spawn_healer(Duration::from_secs(heal_interval_secs));
             }
             fuse_mount::mount(fs, &mountpoint, threads).with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
         }
@@ -199,40 +341,83 @@ fn run(cli: Cli) -> Result<()> {
             let holder = format!("takeover-{}-{:08x}", std::process::id(), rand::random::<u32>());
             let lease = ns.acquire_lease(inode.ino, &holder, true)?;
             let config = ns.init(inode.replicas, FsConfig { chunk_size: DEFAULT_CHUNK_SIZE })?;
-            let data = FileData::new(ns.clone(), config.chunk_size, 1);
+            let data = FileData::new(ns.clone(), config.chunk_size, 1).with_chunk_client(chunk_client(tls));
             data.fence(&lease)?;
             ns.release_lease(&lease)?;
             println!("{path}: write lease taken over, epoch {}; older writers are fenced", lease.epoch);
         }
         Cmd::Status { meta } => {
             let ns = namespace(&meta, ca)?;
-            let report = fs_agent::status::collect(&ns)?;
+            let report = fs_agent::status::collect(&ns, &chunk_client(tls))?;
             print!("{}", report.render());
         }
-        Cmd::Heal { meta } => {
+        Cmd::Heal { meta, dead_after_secs, scrub } => {
             let ns = namespace(&meta, ca)?;
             let config = ns.init(3, FsConfig { chunk_size: DEFAULT_CHUNK_SIZE })?;
-            let data = FileData::new(ns.clone(), config.chunk_size, 1);
-            let holder = format!("healer-{}-{:08x}", std::process::id(), rand::random::<u32>());
-            let (mut copied, mut short, mut skipped, mut unavailable) = (0, 0, 0, 0);
-            for inode in fs_agent::status::files(&ns)? {
-                let lease = match ns.acquire_lease(inode.ino, &holder, false) {
-                    Ok(lease) => lease,
-                    Err(fs_agent::namespace::NamespaceError::LeaseBusy { .. }) => {
-                        skipped += 1;
-                        continue;
-                    }
-                    Err(fs_agent::namespace::NamespaceError::NotFound { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                let result = data.fence(&lease).and_then(|()| data.heal_file(&lease, inode.replicas, inode.size, None));
-                ns.release_lease(&lease)?;
-                let outcome = result?;
-                copied += outcome.copied;
-                short += outcome.still_under_replicated;
-                unavailable += outcome.unavailable;
+            let data = FileData::new(ns.clone(), config.chunk_size, 1).with_chunk_client(chunk_client(tls));
+            let holder = format!("heal-{}-{:08x}", std::process::id(), rand::random::<u32>());
+            let options = HealerOptions { holder, dead_after_secs, repair_scrubbed: scrub };
+            let previous = HealerStatus::read(&ns)?.unwrap_or_default();
+            let done = healer::pass(&data, &options, &HealerStatus { passes: previous.passes, ..HealerStatus::default() })?;
+            println!(
+                "healed: {} replicas copied; {} chunks still under-replicated; {} chunks unavailable; {} files skipped (being written); {} MiB copied; {} corrupt blocks repaired",
+                done.replicas_copied,
+                done.under_replicated,
+                done.unavailable,
+                done.files_busy,
+                done.bytes_copied >> 20,
+                done.blocks_repaired
+            );
+            for error in &done.errors {
+                eprintln!("fs-agent: {error}");
             }
-            println!("healed: {copied} replicas copied; {short} chunks still under-replicated; {unavailable} chunks unavailable; {skipped} files skipped (being written)");
+            if !done.errors.is_empty() {
+                bail!("{} files could not be healed", done.errors.len());
+            }
+        }
+        Cmd::Healer { meta, interval_secs, dead_after_secs, name } => {
+            let ns = namespace(&meta, ca)?;
+            let config = ns.init(3, FsConfig { chunk_size: DEFAULT_CHUNK_SIZE })?;
+            let data = FileData::new(ns.clone(), config.chunk_size, 1).with_chunk_client(chunk_client(tls));
+            let holder = match name {
+                Some(name) => name,
+                None => format!("healer-{}", nix::unistd::gethostname()?.to_string_lossy()),
+            };
+            let options = HealerOptions { holder, dead_after_secs, repair_scrubbed: true };
+            healer::run(&data, &options, Duration::from_secs(interval_secs.max(1)));
+        }
+        Cmd::DrainServer { meta, addr, cancel } => {
+            let ns = namespace(&meta, ca)?;
+            if !ns.servers()?.contains(&addr) {
+                bail!("{addr} is not a registered chunk server (see `fs-agent status`)");
+            }
+            servers::set_draining(&ns, &addr, !cancel)?;
+            if cancel {
+                println!("{addr}: no longer draining; new chunks may go there again");
+            } else {
+                let held = current_replicas_on(&ns, &addr)?;
+                println!("{addr}: draining; it gets no new chunks, and the healer moves its {held} current replicas to other servers. Remove it once `fs-agent status` shows 0 replicas on it");
+            }
+        }
+        Cmd::RemoveServer { meta, addr, force } => {
+            let ns = namespace(&meta, ca)?;
+            let registered = ns.servers()?.contains(&addr);
+            let held = current_replicas_on(&ns, &addr)?;
+            if !registered && held == 0 {
+                bail!("{addr} is not a registered chunk server, and no chunk lists it");
+            }
+            // Any answer, a refusal or a failed TLS handshake too, means something listens there.
+            match chunk_client(tls).call(&addr, &fs_agent::chunk_protocol::ChunkRequest::Capacity) {
+                Err(fs_agent::chunk_client::ChunkClientError::Unreachable { .. }) => {}
+                _ => bail!("{addr} still answers: stop its chunk server first (a running server registers itself again at its next heartbeat)"),
+            }
+            if held > 0 && !force {
+                bail!(
+                    "{addr} still holds {held} current replicas: drain it (`fs-agent drain-server {addr}`) and wait for `fs-agent status` to show 0 replicas on it before stopping it, or, if its disk is lost, pass --force and the healer copies them from the other replicas"
+                );
+            }
+            servers::remove(&ns, &addr)?;
+            println!("{addr}: removed; {held} current replicas there no longer count, and the healer copies them to other servers");
         }
         Cmd::Clone { meta, src, dst } => {
             let ns = namespace(&meta, ca)?;

@@ -10,7 +10,8 @@
 //! - `/fs/shared/<chunk id>`: [`SharedChunk`] (JSON), the chunk records of a chunk shared by
 //!   several files after a clone; absent for a chunk only one record points at
 //! - `/fs/next_ino`: the next inode number (decimal)
-//! - `/fs/servers/<addr>`: a registered chunk server
+//! - `/fs/servers/<addr>`: a registered chunk server (see [`crate::servers`], which also keeps
+//!   `/fs/draining/` and `/fs/dead/`)
 //!
 //! Numbers in keys are 16 hex digits so keys sort numerically.
 
@@ -1373,11 +1374,6 @@ impl Namespace {
     }
 
     /// Registers a chunk server so mounts place replicas on it.
-    pub fn register_server(&self, addr: &str) -> Result<(), NamespaceError> {
-        self.store.commit(&[], &[Mutation::Put { key: format!("{SERVERS_PREFIX}{addr}"), value: addr.as_bytes().to_vec() }])?;
-        Ok(())
-    }
-
     pub fn servers(&self) -> Result<Vec<String>, NamespaceError> {
         Ok(self.store.list_prefix(SERVERS_PREFIX)?.into_iter().map(|(k, _)| k[SERVERS_PREFIX.len()..].to_string()).collect())
     }

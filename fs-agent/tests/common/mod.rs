@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fs_agent::chunk_client::ChunkClient;
+use fs_agent::chunk_transport::ChunkTls;
 use fs_agent::file_data::FileData;
 use fs_agent::metadata_store::ClusterMetadata;
 use fs_agent::namespace::Namespace;
@@ -32,14 +34,19 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool
 }
 
 fn spawn(args: &[&str], log: &Path) -> Child {
-    spawn_with_ca(args, log, None)
+    spawn_with(args, log, None, None)
 }
 
-fn spawn_with_ca(args: &[&str], log: &Path, ca: Option<&Path>) -> Child {
+/// Spawns fs-agent with the store's CA (`FS_AGENT_META_CA`) and chunk TLS material
+/// (`FS_AGENT_TLS_DIR`) when given.
+fn spawn_with(args: &[&str], log: &Path, ca: Option<&Path>, tls_dir: Option<&Path>) -> Child {
     let log = std::fs::File::create(log).unwrap();
     let mut command = Command::new(BINARY);
     if let Some(ca) = ca {
         command.env("FS_AGENT_META_CA", ca);
+    }
+    if let Some(dir) = tls_dir {
+        command.env("FS_AGENT_TLS_DIR", dir);
     }
     command.args(args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap()
 }
@@ -52,6 +59,10 @@ fn kill(child: &mut Child) {
 pub struct ChunkServer {
     pub addr: String,
     pub data: PathBuf,
+    /// Its certificate, when chunk connections talk TLS.
+    pub tls_dir: Option<PathBuf>,
+    /// Extra arguments of its `chunkserver` command.
+    pub extra_args: Vec<String>,
     process: Option<Child>,
 }
 
@@ -67,8 +78,27 @@ pub struct TestFs {
     /// The store's CA certificate when it talks TLS.
     pub meta_ca: Option<PathBuf>,
     meta_process: Option<Child>,
+    /// The cluster CA directory (ca.pem, ca.key) when the store or the chunk servers talk TLS.
+    pub ca_dir: Option<PathBuf>,
+    /// The client certificate of mounts and commands when chunk servers talk TLS.
+    pub client_tls_dir: Option<PathBuf>,
     pub servers: Vec<ChunkServer>,
     pub mounts: Vec<Mount>,
+    /// Other long-running fs-agent processes (healers), killed on drop.
+    services: Vec<Child>,
+    /// `--heal-interval-secs` of mounts started from now on (1 by default;
+    /// a test that watches under-replication before a heal raises it, or
+    /// the writer's mount would heal first).
+    pub mount_heal_interval_secs: u64,
+}
+
+/// What talks TLS in a test filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TlsOptions {
+    /// The metadata store (`--meta-ca`).
+    pub store: bool,
+    /// Chunk servers and their clients (`--tls-dir`).
+    pub chunks: bool,
 }
 
 pub fn is_fuse_mount(path: &Path) -> bool {
@@ -84,27 +114,48 @@ impl TestFs {
     /// Like [`start`], with `tls`: the store talks TLS with a fresh cluster CA, which every
     /// process is given (`--meta-ca`).
     pub fn start_with(tag: &str, servers: usize, tls: bool) -> TestFs {
+        Self::start_tls(tag, servers, TlsOptions { store: tls, chunks: false })
+    }
+
+    /// Like [`start`], with the store and/or the chunk servers talking TLS with one fresh
+    /// cluster CA: each chunk server gets a certificate for 127.0.0.1, mounts and commands a
+    /// client certificate.
+    pub fn start_tls(tag: &str, servers: usize, tls: TlsOptions) -> TestFs {
         let dir = tempfile::Builder::new().prefix(&format!("fs-agent-{tag}-{}-", std::process::id())).tempdir().unwrap();
         let meta = format!("127.0.0.1:{}", free_port());
         let peer = format!("127.0.0.1:{}", free_port());
         let meta_dir = dir.path().join("meta");
         let mut args: Vec<String> =
             ["meta-server", "--data-dir", meta_dir.to_str().unwrap(), "--client-addr", &meta, "--peer-addr", &peer].iter().map(|s| s.to_string()).collect();
-        let ca = if tls {
+        let ca_dir = (tls.store || tls.chunks).then(|| {
             let ca_dir = dir.path().join("ca");
             cluster::tls::CaMaterial::create().unwrap().write(&ca_dir).unwrap();
-            args.extend(["--ca-dir".to_string(), ca_dir.display().to_string()]);
-            Some(ca_dir.join("ca.pem"))
-        } else {
-            None
+            ca_dir
+        });
+        let meta_ca = match (&ca_dir, tls.store) {
+            (Some(ca_dir), true) => {
+                args.extend(["--ca-dir".to_string(), ca_dir.display().to_string()]);
+                Some(ca_dir.join("ca.pem"))
+            }
+            _ => None,
         };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let meta_process = spawn(&args, &dir.path().join("meta.log"));
-        let mut fs = TestFs { dir, meta, meta_ca: ca, meta_process: Some(meta_process), servers: vec![], mounts: vec![] };
+        let mut fs = TestFs { dir, meta, meta_ca, meta_process: Some(meta_process), ca_dir, client_tls_dir: None, servers: vec![], mounts: vec![], services: vec![], mount_heal_interval_secs: 1 };
+        if tls.chunks {
+            let client_dir = fs.dir.path().join("tls-client");
+            fs.issue_certificate("client", &[], &client_dir);
+            fs.client_tls_dir = Some(client_dir);
+        }
         for i in 0..servers {
             let addr = format!("127.0.0.1:{}", free_port());
             let data = fs.dir.path().join(format!("chunks-{i}"));
-            fs.servers.push(ChunkServer { addr, data, process: None });
+            let tls_dir = tls.chunks.then(|| {
+                let tls_dir = fs.dir.path().join(format!("tls-server-{i}"));
+                fs.issue_certificate(&format!("chunk-server-{i}"), &["127.0.0.1".parse().unwrap()], &tls_dir);
+                tls_dir
+            });
+            fs.servers.push(ChunkServer { addr, data, tls_dir, extra_args: vec![], process: None });
             fs.start_server(i);
         }
         let ns = fs.namespace();
@@ -112,14 +163,18 @@ impl TestFs {
         fs
     }
 
+    /// Writes a certificate of this filesystem's CA named `name`, valid for `ips`, into `out`.
+    pub fn issue_certificate(&self, name: &str, ips: &[std::net::IpAddr], out: &Path) {
+        let ca = cluster::tls::CaMaterial::read(self.ca_dir.as_ref().expect("a TLS test filesystem")).unwrap();
+        ca.issue_service(name, ips, &[]).unwrap().write_to(out).unwrap();
+    }
+
     pub fn start_server(&mut self, i: usize) {
         let log = self.dir.path().join(format!("chunkserver-{i}.log"));
         let server = &mut self.servers[i];
-        let child = spawn_with_ca(
-            &["chunkserver", "--listen", &server.addr, "--data", server.data.to_str().unwrap(), "--meta", &self.meta, "--scrub-interval-secs", "1"],
-            &log,
-            self.meta_ca.as_deref(),
-        );
+        let mut args = vec!["chunkserver", "--listen", &server.addr, "--data", server.data.to_str().unwrap(), "--meta", &self.meta, "--scrub-interval-secs", "1", "--heartbeat-secs", "1"];
+        args.extend(server.extra_args.iter().map(String::as_str));
+        let child = spawn_with(&args, &log, self.meta_ca.as_deref(), server.tls_dir.as_deref());
         server.process = Some(child);
     }
 
@@ -152,12 +207,14 @@ impl TestFs {
 
     fn start_mount(&mut self, i: usize) {
         let log = self.dir.path().join(format!("mount-{i}.log"));
+        let heal_interval = self.mount_heal_interval_secs.to_string();
         let mount = &mut self.mounts[i];
         let path = mount.path.clone();
-        let child = spawn_with_ca(
-            &["mount", "--meta", &self.meta, "--chunk-size", &CHUNK_SIZE.to_string(), "--threads", "4", "--heal-interval-secs", "1", "--node-id", &mount.node_id, path.to_str().unwrap()],
+        let child = spawn_with(
+            &["mount", "--meta", &self.meta, "--chunk-size", &CHUNK_SIZE.to_string(), "--threads", "4", "--heal-interval-secs", &heal_interval, "--node-id", &mount.node_id, path.to_str().unwrap()],
             &log,
             self.meta_ca.as_deref(),
+            self.client_tls_dir.as_deref(),
         );
         mount.process = Some(child);
         let start = Instant::now();
@@ -168,6 +225,16 @@ impl TestFs {
             assert!(start.elapsed() < Duration::from_secs(60), "mount did not come up: {}", std::fs::read_to_string(&log).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts `fs-agent ARGS --meta STORE` as a long-running process (a healer), logging to
+    /// `<name>.log`.
+    pub fn start_service(&mut self, name: &str, args: &[&str]) {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--meta", &self.meta]);
+        let child = spawn_with(&all, &log, self.meta_ca.as_deref(), self.client_tls_dir.as_deref());
+        self.services.push(child);
     }
 
     /// Sends `signal` to mount `i`'s process (SIGSTOP: a node frozen past its self-fence).
@@ -184,7 +251,26 @@ impl TestFs {
     }
 
     pub fn file_data(&self, min_copies: usize) -> FileData {
-        FileData::new(self.namespace(), CHUNK_SIZE, min_copies)
+        FileData::new(self.namespace(), CHUNK_SIZE, min_copies).with_chunk_client(self.chunk_client())
+    }
+
+    /// A chunk client as mounts of this filesystem have (with the client certificate when
+    /// chunk servers talk TLS).
+    pub fn chunk_client(&self) -> ChunkClient {
+        ChunkClient::with_tls(self.client_tls_dir.as_ref().map(|dir| ChunkTls::load(dir).unwrap().client_config()))
+    }
+
+    /// An fs-agent command as an operator of this filesystem runs it: given the store's CA and
+    /// the client certificate when they talk TLS.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(BINARY);
+        if let Some(ca) = &self.meta_ca {
+            command.env("FS_AGENT_META_CA", ca);
+        }
+        if let Some(dir) = &self.client_tls_dir {
+            command.env("FS_AGENT_TLS_DIR", dir);
+        }
+        command
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -199,6 +285,9 @@ impl Drop for TestFs {
             if let Some(mut child) = mount.process.take() {
                 kill(&mut child);
             }
+        }
+        for child in &mut self.services {
+            kill(child);
         }
         for server in &mut self.servers {
             if let Some(mut child) = server.process.take() {
