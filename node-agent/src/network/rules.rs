@@ -143,7 +143,9 @@ pub fn ve_chain(bridge: &str, ve: &VeIdentity<'_>) -> String {
     ));
     // `::` only for what a host sends before it has an address: DAD
     // neighbour solicitations and MLD reports.
-    rules.push("ip6 saddr :: meta l4proto != ipv6-icmp counter drop".into());
+    // 58 is ipv6-icmp: by name, libnftables resolves it through NSS
+    // (/etc/protocols), loading NSS modules at every VE start.
+    rules.push("ip6 saddr :: meta l4proto != 58 counter drop".into());
     rules.push(
         "ip6 saddr :: icmpv6 type != { nd-neighbor-solicit, mld-listener-report, mld2-listener-report } counter drop"
             .into(),
@@ -274,7 +276,7 @@ mod tests {
         assert!(script
             .contains("0xfd000000000000000000000000000005, 0xfe80000000000000001122fffe334455"));
         assert!(script.contains("@th,208,48 != 0x021122334455"));
-        assert!(script.contains("ip6 saddr :: meta l4proto != ipv6-icmp counter drop"));
+        assert!(script.contains("ip6 saddr :: meta l4proto != 58 counter drop"));
         assert!(script
             .ends_with("add element bridge vzbr0 ports { \"vz01020304\" : jump ve_vz01020304 }\n"));
         // Replacing is atomic: flush and refill in the same batch.
