@@ -28,6 +28,8 @@ PACKAGES=(
     etcd-client
     fio
     libnftables1
+    glusterfs-server
+    glusterfs-client
 )
 
 missing=()
