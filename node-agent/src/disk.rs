@@ -483,6 +483,12 @@ pub fn attach(image: &Path, mount_point: &Path) -> Result<AttachedDisk, DiskErro
     }
     let mount_point = canonical(mount_point);
 
+    let mount_error = |device: &LoopDevice, source| DiskError::Mount {
+        image: image.to_path_buf(),
+        loop_device: device.path.clone(),
+        mount_point: mount_point.clone(),
+        source,
+    };
     let mounts = mountinfo::read().map_err(DiskError::MountTable)?;
     let existing = loop_device::find_by_backing_file_held(image, &lock).map_err(|source| DiskError::Loop {
         image: image.to_path_buf(),
@@ -522,14 +528,7 @@ pub fn attach(image: &Path, mount_point: &Path) -> Result<AttachedDisk, DiskErro
             }
             // Its release completed meanwhile: attach afresh below.
             Err(nix::errno::Errno::ENXIO) if wait_released(&device, image) => {}
-            Err(source) => {
-                return Err(DiskError::Mount {
-                    image: image.to_path_buf(),
-                    loop_device: device.path.clone(),
-                    mount_point: mount_point.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(mount_error(&device, source)),
         }
     }
 
@@ -552,14 +551,7 @@ pub fn attach(image: &Path, mount_point: &Path) -> Result<AttachedDisk, DiskErro
                 tracing::warn!(image = %image.display(), device = %device.path.display(), attempt, "fresh loop device failed its first read, retrying on another");
                 attempt += 1;
             }
-            Err(source) => {
-                return Err(DiskError::Mount {
-                    image: image.to_path_buf(),
-                    loop_device: device.path.clone(),
-                    mount_point: mount_point.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(mount_error(&device, source)),
         }
     };
     created.0 = None;

@@ -204,6 +204,12 @@ pub fn attach_after_rules(bridge: &BridgeConfig, ve: &VeNetwork, netns: &Path) -
 /// created, then calls [`attach_after_rules`]. The rules name the port, which
 /// does not exist yet: until then they match nothing.
 pub fn install_ve_rules(bridge: &BridgeConfig, ve: &VeNetwork) -> Result<(), NetworkError> {
+    check_identity(bridge, ve)?;
+    install_rules(bridge, ve, &host_ifname_for_ve(&ve.ve_id))
+}
+
+/// The bridge's name and the VE's addresses are valid.
+fn check_identity(bridge: &BridgeConfig, ve: &VeNetwork) -> Result<(), NetworkError> {
     validate::validate_bridge_name(&bridge.name).map_err(|reason| NetworkError::InvalidBridge {
         bridge: bridge.name.clone(),
         reason,
@@ -211,8 +217,7 @@ pub fn install_ve_rules(bridge: &BridgeConfig, ve: &VeNetwork) -> Result<(), Net
     validate_ve(ve).map_err(|reason| NetworkError::InvalidVe {
         ve_id: ve.ve_id.clone(),
         reason,
-    })?;
-    install_rules(bridge, ve, &host_ifname_for_ve(&ve.ve_id))
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -245,14 +250,7 @@ fn check_attach_input(
     ve: &VeNetwork,
     netns: &Path,
 ) -> Result<(), NetworkError> {
-    validate::validate_bridge_name(&bridge.name).map_err(|reason| NetworkError::InvalidBridge {
-        bridge: bridge.name.clone(),
-        reason,
-    })?;
-    validate_ve(ve).map_err(|reason| NetworkError::InvalidVe {
-        ve_id: ve.ve_id.clone(),
-        reason,
-    })?;
+    check_identity(bridge, ve)?;
     validate::validate_netns_path(netns).map_err(|reason| NetworkError::InvalidVe {
         ve_id: ve.ve_id.clone(),
         reason,
