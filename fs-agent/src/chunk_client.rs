@@ -7,7 +7,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::chunk_protocol::{read_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
+use crate::chunk_protocol::{read_data_frame_into, read_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
 use crate::chunk_transport::{self, ConnectFailure, Stream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -74,6 +74,25 @@ impl ChunkClient {
 
     /// Sends one request and waits for its answer; `Failed` answers become `Refused`.
     pub fn call(&self, server: &str, request: &ChunkRequest) -> Result<ChunkResponse, ChunkClientError> {
+        match self.exchange(server, request, read_frame::<ChunkResponse>)? {
+            ChunkResponse::Failed(failure) => Err(ChunkClientError::Refused { server: server.to_string(), failure }),
+            answer => Ok(answer),
+        }
+    }
+
+    /// Sends a `Read` of `out.len()` bytes and reads the answer's bytes straight into `out`.
+    /// A refusal is `Refused`; any other answer (data of another length) is `Protocol`.
+    pub fn read_into(&self, server: &str, request: &ChunkRequest, out: &mut [u8]) -> Result<(), ChunkClientError> {
+        match self.exchange(server, request, |conn| read_data_frame_into(conn, out))? {
+            None => Ok(()),
+            Some(ChunkResponse::Failed(failure)) => Err(ChunkClientError::Refused { server: server.to_string(), failure }),
+            Some(other) => Err(ChunkClientError::Protocol { server: server.to_string(), answer: format!("{other:?}") }),
+        }
+    }
+
+    /// Sends `request` on a pooled connection (or a new one) and reads the answer with
+    /// `receive`; the connection goes back to the pool once an answer was read.
+    fn exchange<T>(&self, server: &str, request: &ChunkRequest, mut receive: impl FnMut(&mut Stream) -> Result<T, FrameError>) -> Result<T, ChunkClientError> {
         let pooled = self.idle.lock().expect("pool").get_mut(server).and_then(|v| v.pop());
         // A pooled connection may have been closed by a restarted server: retry once on a fresh one.
         let attempts: Vec<Option<Stream>> = match pooled {
@@ -86,12 +105,8 @@ impl ChunkClient {
                 Some(c) => c,
                 None => self.connect(server)?,
             };
-            let result = write_frame(&mut conn, request).and_then(|()| read_frame::<ChunkResponse>(&mut conn));
+            let result = write_frame(&mut conn, request).and_then(|()| receive(&mut conn));
             match result {
-                Ok(ChunkResponse::Failed(failure)) => {
-                    self.idle.lock().expect("pool").entry(server.to_string()).or_default().push(conn);
-                    return Err(ChunkClientError::Refused { server: server.to_string(), failure });
-                }
                 Ok(answer) => {
                     self.idle.lock().expect("pool").entry(server.to_string()).or_default().push(conn);
                     return Ok(answer);

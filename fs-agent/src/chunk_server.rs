@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::chunk_protocol::{read_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
+use crate::chunk_protocol::{read_frame, write_data_frame, write_frame, ChunkFailure, ChunkRequest, ChunkResponse, FrameError};
 use crate::chunk_store::{ChunkStore, ChunkStoreError};
 use crate::chunk_transport::{self, Accepted};
 
@@ -43,10 +43,11 @@ pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
             store.punch_hole(file_id, epoch, chunk_id, version, offset, len).map(|()| ChunkResponse::Done)
         }
         ChunkRequest::Sync { chunk_id } => store.sync(chunk_id).map(|()| ChunkResponse::Done),
+        ChunkRequest::SyncChunks { chunk_ids } => store.sync_chunks(&chunk_ids).map(|()| ChunkResponse::Done),
         ChunkRequest::Fence { file_id, epoch } => store.check_epoch(file_id, epoch).map(|()| ChunkResponse::Done),
         ChunkRequest::Delete { chunk_id } => store.delete(chunk_id).map(|()| ChunkResponse::Done),
         ChunkRequest::RepairBlock { chunk_id, version, block, data } => store.repair_block(chunk_id, version, block, &data).map(ChunkResponse::Repaired),
-        ChunkRequest::Version { chunk_id } => store.version(chunk_id).map(ChunkResponse::Version),
+        ChunkRequest::Version { chunk_id } => store.replica_version(chunk_id).map(ChunkResponse::Version),
         ChunkRequest::Digest { chunk_id, version } => store.content_digest(chunk_id, version).map(|(digest, len)| ChunkResponse::Digest { digest, len }),
         ChunkRequest::ScrubReport => Ok(ChunkResponse::Scrub(store.scrub_report())),
         ChunkRequest::Capacity => store.capacity().map(|(free, total)| ChunkResponse::Capacity { free, total }),
@@ -72,6 +73,7 @@ fn serve_connection(store: &ChunkStore, stream: TcpStream, tls: Option<&Arc<rust
         }
         Accepted::Dropped => return,
     };
+    let mut read_buffer = Vec::new();
     loop {
         let request: ChunkRequest = match read_frame(&mut stream) {
             Ok(r) => r,
@@ -88,11 +90,33 @@ fn serve_connection(store: &ChunkStore, stream: TcpStream, tls: Option<&Arc<rust
                 return;
             }
         };
-        let response = handle(store, request);
-        if write_frame(&mut stream, &response).is_err() {
+        let sent = match request {
+            ChunkRequest::Read { chunk_id, version, offset, len } => serve_read(store, &mut stream, &mut read_buffer, chunk_id, version, offset, len),
+            request => write_frame(&mut stream, &handle(store, request)),
+        };
+        if sent.is_err() {
             return;
         }
     }
+}
+
+/// Buffers of reads larger than this are not kept for the connection's next read.
+const READ_BUFFER_KEPT_BYTES: usize = 2 * 1024 * 1024;
+
+/// Answers a `Read` from `buffer`, which the connection reuses: the blocks are read and
+/// checked into it, and the answer's payload is sent from it without another copy.
+fn serve_read(store: &ChunkStore, stream: &mut chunk_transport::Stream, buffer: &mut Vec<u8>, chunk_id: u64, version: u64, offset: u64, len: u64) -> Result<(), FrameError> {
+    let sent = match store.read_into(chunk_id, version, offset, len, buffer) {
+        Ok(range) => write_data_frame(stream, &buffer[range]),
+        Err(e) => {
+            tracing::warn!("request refused: {e}");
+            write_frame(stream, &ChunkResponse::Failed(failure(e)))
+        }
+    };
+    if buffer.len() > READ_BUFFER_KEPT_BYTES {
+        *buffer = Vec::new();
+    }
+    sent
 }
 
 /// Opens the store in `data_dir` and serves on `listener` until the process ends, to TLS clients

@@ -9,12 +9,13 @@
 //!
 //! Pure block arithmetic lives in [`block_span`] and [`block_crc`]; the rest is thin file I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LockResult, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 /// Size of a checksummed block.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
@@ -75,9 +76,101 @@ pub struct ChunkStore {
     root: PathBuf,
     chunk_size: u64,
     /// One lock per chunk: a write is a read-modify-write of whole blocks and their crcs.
-    chunk_locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    chunk_locks: Mutex<HashMap<u64, Arc<ChunkLock>>>,
     /// Newest epoch per file, cached from `epochs/`.
     epochs: Mutex<HashMap<u64, u64>>,
+    /// The chunks whose replica reads keep open, oldest first (see [`ChunkLock`]).
+    kept_open_for_reads: Mutex<VecDeque<Weak<ChunkLock>>>,
+    /// What writes keep between requests: open files, versions, what is not durable yet.
+    write_side: Mutex<WriteSide>,
+    /// Held while version and epoch files are made durable, so a sync that finds nothing left
+    /// to do never answers before another sync finished making it durable.
+    persisting: Mutex<()>,
+}
+
+/// Replicas whose files writes keep open at most (two descriptors each).
+const REPLICAS_KEPT_OPEN_FOR_WRITES: usize = 128;
+
+/// The write path's state, kept apart from the reads' [`ChunkLock`] cache.
+///
+/// Lazy durability: a write that raises a file's epoch or a replica's version replaces the
+/// `epochs/<file>` or `.version` file at once (write and rename, so it survives a crash of this
+/// process) but fsyncs it only at the next `Sync` of that chunk (or a write with `sync`),
+/// together with the data. That is sound because:
+/// - a write is not durable before the writer's fsync anyway: until then a crash of the machine
+///   may lose its bytes, and losing the version with them only makes this replica refuse reads
+///   of that version (a stale replica), never serve bytes older than its version;
+/// - versions only go up, so a lost version file is lower, never higher, than what the chunk
+///   record says: the replica looks stale, which is the safe side;
+/// - an epoch raised by a write (not a `Fence`) is only ever the first contact of a new lease
+///   holder with this server for a chunk it allocated after its fence; a `Fence` is still
+///   durable before its answer, so a server never accepts an older epoch after acknowledging
+///   a fence with a newer one, even across a machine crash;
+/// - every `Sync` of a chunk makes its version and the epoch of the files that wrote it durable
+///   before it answers, so after the writer's fsync all of it survives any crash.
+#[derive(Default)]
+struct WriteSide {
+    files: HashMap<u64, Arc<WriteFiles>>,
+    /// Replica versions, cached from the `.version` files.
+    versions: HashMap<u64, u64>,
+    /// Chunks whose `.version` file was replaced and not fsynced since.
+    unsynced_versions: HashSet<u64>,
+    /// Files whose `epochs/` file a write replaced and did not fsync since.
+    unsynced_epochs: HashSet<u64>,
+    /// Chunk → the file with an unsynced epoch that wrote it.
+    epoch_writers: HashMap<u64, u64>,
+}
+
+struct WriteFiles {
+    data: File,
+    crc: File,
+}
+
+/// Replicas whose crc files reads keep open at most.
+const REPLICAS_KEPT_OPEN_FOR_READS: usize = 128;
+
+/// The lock of one chunk, and what reads keep of its replica between requests (version, data
+/// length, open crc file).
+///
+/// Reads share the lock; every other request takes it exclusively (`lock`). Taking it
+/// exclusively forgets what reads kept (crc file, version, length), since that request may
+/// change any of it: a read therefore never uses a version or a length older than the last
+/// change. This read-side cache is kept apart from the write path's ([`WriteSide`]) on
+/// purpose, so each could change alone; merging them would need this invalidation kept.
+#[derive(Default)]
+struct ChunkLock {
+    rw: RwLock<()>,
+    open_for_reads: Mutex<Option<Arc<ReplicaForReads>>>,
+}
+
+impl ChunkLock {
+    /// Exclusive: for every request that may change the replica.
+    fn lock(&self) -> LockResult<RwLockWriteGuard<'_, ()>> {
+        let guard = self.rw.write();
+        *self.open_for_reads.lock().expect("replica kept for reads") = None;
+        guard
+    }
+
+    /// Shared: reads, which change nothing.
+    fn read(&self) -> LockResult<RwLockReadGuard<'_, ()>> {
+        self.rw.read()
+    }
+}
+
+/// A replica as reads see it, valid until the next exclusive holder of its [`ChunkLock`].
+struct ReplicaForReads {
+    version: u64,
+    /// `None`: no data file, every byte reads as zeros.
+    files: Option<ReplicaFiles>,
+}
+
+/// The data file is opened again by every read: the kernel keeps its readahead state per
+/// open file, and concurrent reads of one chunk through one open file confuse it (measured:
+/// sequential reads of a chunk at half the speed). Each read on a file of its own, the kernel
+/// recognizes the sequential stream from the pages in the cache and reads ahead.
+struct ReplicaFiles {
+    crc: File,
+    data_len: u64,
 }
 
 impl ChunkStore {
@@ -96,7 +189,7 @@ impl ChunkStore {
                 epochs.insert(file_id, text.trim().parse().unwrap_or(0));
             }
         }
-        Ok(ChunkStore { scrub: Mutex::new(ScrubReport::default()), root: root.to_path_buf(), chunk_size, chunk_locks: Mutex::new(HashMap::new()), epochs: Mutex::new(epochs) })
+        Ok(ChunkStore { scrub: Mutex::new(ScrubReport::default()), root: root.to_path_buf(), chunk_size, chunk_locks: Mutex::new(HashMap::new()), epochs: Mutex::new(epochs), kept_open_for_reads: Mutex::default(), write_side: Mutex::default(), persisting: Mutex::default() })
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -107,7 +200,7 @@ impl ChunkStore {
         self.root.join("chunks").join(format!("{chunk_id:016x}.{ext}"))
     }
 
-    fn lock_chunk(&self, chunk_id: u64) -> Arc<Mutex<()>> {
+    fn lock_chunk(&self, chunk_id: u64) -> Arc<ChunkLock> {
         self.chunk_locks.lock().expect("chunk lock table").entry(chunk_id).or_default().clone()
     }
 
@@ -118,23 +211,142 @@ impl ChunkStore {
         if epoch < newest {
             return Err(ChunkStoreError::StaleEpoch { file_id, epoch, newest });
         }
-        if epoch > newest {
-            // Durable before any write under this epoch is acknowledged: after a restart the
+        let lazily_recorded = self.write_side.lock().expect("write side").unsynced_epochs.contains(&file_id);
+        if epoch > newest || lazily_recorded {
+            // Durable before the fence is answered: after a restart, even of the machine, the
             // server must still refuse the fenced writer.
-            let path = self.root.join("epochs").join(format!("{file_id:016x}"));
-            write_durably(&path, epoch.to_string().as_bytes())?;
+            write_durably(&self.epoch_path(file_id), epoch.to_string().as_bytes())?;
             epochs.insert(file_id, epoch);
+            self.write_side.lock().expect("write side").unsynced_epochs.remove(&file_id);
         }
         Ok(())
     }
 
-    pub fn version(&self, chunk_id: u64) -> Result<u64, ChunkStoreError> {
-        let path = self.path(chunk_id, "version");
-        match fs::read_to_string(&path) {
-            Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(io_at(&path)(e)),
+    fn epoch_path(&self, file_id: u64) -> PathBuf {
+        self.root.join("epochs").join(format!("{file_id:016x}"))
+    }
+
+    /// The epoch check of a write to `chunk_id`: refuses an older epoch; a newer one is
+    /// recorded at once but made durable only by the chunk's next sync (see [`WriteSide`]).
+    fn check_write_epoch(&self, file_id: u64, epoch: u64, chunk_id: u64) -> Result<(), ChunkStoreError> {
+        let mut epochs = self.epochs.lock().expect("epoch table");
+        let newest = epochs.get(&file_id).copied().unwrap_or(0);
+        if epoch < newest {
+            return Err(ChunkStoreError::StaleEpoch { file_id, epoch, newest });
         }
+        if epoch > newest {
+            write_replacing(&self.epoch_path(file_id), epoch.to_string().as_bytes())?;
+            epochs.insert(file_id, epoch);
+            self.write_side.lock().expect("write side").unsynced_epochs.insert(file_id);
+        }
+        let mut side = self.write_side.lock().expect("write side");
+        if side.unsynced_epochs.contains(&file_id) {
+            side.epoch_writers.insert(chunk_id, file_id);
+        }
+        Ok(())
+    }
+
+    /// Sets the replica's version, durable only at the chunk's next sync (see [`WriteSide`]).
+    /// The caller holds the chunk's lock exclusively.
+    fn set_version(&self, chunk_id: u64, version: u64) -> Result<(), ChunkStoreError> {
+        write_replacing(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+        let mut side = self.write_side.lock().expect("write side");
+        side.versions.insert(chunk_id, version);
+        side.unsynced_versions.insert(chunk_id);
+        Ok(())
+    }
+
+    /// Sets the replica's version durably. The caller holds the chunk's lock exclusively.
+    fn set_version_durably(&self, chunk_id: u64, version: u64) -> Result<(), ChunkStoreError> {
+        write_durably(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+        let mut side = self.write_side.lock().expect("write side");
+        side.versions.insert(chunk_id, version);
+        side.unsynced_versions.remove(&chunk_id);
+        Ok(())
+    }
+
+    /// The replica's data and crc files, kept open between writes. The caller holds the
+    /// chunk's lock exclusively.
+    fn write_files(&self, chunk_id: u64) -> Result<Arc<WriteFiles>, ChunkStoreError> {
+        if let Some(files) = self.write_side.lock().expect("write side").files.get(&chunk_id) {
+            return Ok(files.clone());
+        }
+        let open = |ext: &str| {
+            let path = self.path(chunk_id, ext);
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))
+        };
+        let files = Arc::new(WriteFiles { data: open("data")?, crc: open("crc")? });
+        let mut side = self.write_side.lock().expect("write side");
+        if side.files.len() >= REPLICAS_KEPT_OPEN_FOR_WRITES {
+            // Any one goes: a write using it holds its own reference.
+            if let Some(&victim) = side.files.keys().next() {
+                side.files.remove(&victim);
+            }
+        }
+        side.files.insert(chunk_id, files.clone());
+        Ok(files)
+    }
+
+    /// Makes durable the versions of `chunk_ids` and the epochs of the files that wrote them
+    /// that writes only replaced (see [`WriteSide`]).
+    fn persist_unsynced(&self, chunk_ids: &[u64]) -> Result<(), ChunkStoreError> {
+        let _one_at_a_time = self.persisting.lock().expect("persisting");
+        let (versions, writers, epochs) = {
+            let mut side = self.write_side.lock().expect("write side");
+            let versions: Vec<u64> = chunk_ids.iter().copied().filter(|id| side.unsynced_versions.remove(id)).collect();
+            let writers: Vec<(u64, u64)> = chunk_ids.iter().filter_map(|id| side.epoch_writers.remove(id).map(|file| (*id, file))).collect();
+            let mut epochs: Vec<u64> = writers.iter().map(|(_, file)| *file).collect();
+            epochs.sort_unstable();
+            epochs.dedup();
+            epochs.retain(|file| side.unsynced_epochs.remove(file));
+            (versions, writers, epochs)
+        };
+        let fsync_all = |paths: Vec<PathBuf>, dir: PathBuf| -> Result<(), ChunkStoreError> {
+            if paths.is_empty() {
+                return Ok(());
+            }
+            for path in &paths {
+                match File::open(path) {
+                    Ok(f) => f.sync_all().map_err(io_at(path))?,
+                    // Deleted meanwhile: nothing to keep.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_at(path)(e)),
+                }
+            }
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(io_at(&dir))
+        };
+        let result = fsync_all(versions.iter().map(|id| self.path(*id, "version")).collect(), self.root.join("chunks"))
+            .and_then(|()| fsync_all(epochs.iter().map(|file| self.epoch_path(*file)).collect(), self.root.join("epochs")));
+        if result.is_err() {
+            // Still not durable: the next sync tries again.
+            let mut side = self.write_side.lock().expect("write side");
+            side.unsynced_versions.extend(versions);
+            side.unsynced_epochs.extend(epochs);
+            side.epoch_writers.extend(writers);
+        }
+        result
+    }
+
+    /// The replica's version (cached). The caller holds the chunk's lock, shared or exclusive,
+    /// so a delete cannot leave a cached version behind.
+    pub fn version(&self, chunk_id: u64) -> Result<u64, ChunkStoreError> {
+        if let Some(version) = self.write_side.lock().expect("write side").versions.get(&chunk_id) {
+            return Ok(*version);
+        }
+        let path = self.path(chunk_id, "version");
+        let version = match fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        Ok(*self.write_side.lock().expect("write side").versions.entry(chunk_id).or_insert(version))
+    }
+
+    /// [`ChunkStore::version`] for a caller that holds no lock (the `Version` request).
+    pub fn replica_version(&self, chunk_id: u64) -> Result<u64, ChunkStoreError> {
+        let lock = self.lock_chunk(chunk_id);
+        let _shared = lock.read().expect("chunk lock");
+        self.version(chunk_id)
     }
 
     fn check_range(&self, chunk_id: u64, offset: u64, len: u64) -> Result<(), ChunkStoreError> {
@@ -149,7 +361,7 @@ impl ChunkStore {
     #[allow(clippy::too_many_arguments)]
     pub fn write(&self, file_id: u64, epoch: u64, chunk_id: u64, version: u64, offset: u64, data: &[u8], sync: bool) -> Result<(), ChunkStoreError> {
         self.check_range(chunk_id, offset, data.len() as u64)?;
-        self.check_epoch(file_id, epoch)?;
+        self.check_write_epoch(file_id, epoch, chunk_id)?;
         let lock = self.lock_chunk(chunk_id);
         let _guard = lock.lock().expect("chunk lock");
         let local = self.version(chunk_id)?;
@@ -158,8 +370,8 @@ impl ChunkStore {
         }
         let data_path = self.path(chunk_id, "data");
         let crc_path = self.path(chunk_id, "crc");
-        let data_file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&data_path).map_err(io_at(&data_path))?;
-        let crc_file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&crc_path).map_err(io_at(&crc_path))?;
+        let files = self.write_files(chunk_id)?;
+        let (data_file, crc_file) = (&files.data, &files.crc);
         if !data.is_empty() {
             let old_len = data_file.metadata().map_err(io_at(&data_path))?.len();
             let (first, last) = block_span(offset, data.len() as u64);
@@ -171,7 +383,7 @@ impl ChunkStore {
             }
             for block in first..=last {
                 let block_start = block * BLOCK_SIZE;
-                let mut buf = self.read_block(chunk_id, &data_file, &crc_file, block, old_len)?;
+                let mut buf = self.read_block(chunk_id, data_file, crc_file, block, old_len)?;
                 let new_end = (offset + data.len() as u64).min(block_start + BLOCK_SIZE);
                 let copy_from = offset.max(block_start);
                 if buf.len() < (new_end - block_start) as usize {
@@ -184,11 +396,12 @@ impl ChunkStore {
             }
         }
         if version > local {
-            write_durably(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+            self.set_version(chunk_id, version)?;
         }
         if sync {
             data_file.sync_data().map_err(io_at(&data_path))?;
             crc_file.sync_data().map_err(io_at(&crc_path))?;
+            self.persist_unsynced(&[chunk_id])?;
         }
         Ok(())
     }
@@ -216,37 +429,98 @@ impl ChunkStore {
     /// Reads `len` bytes at `offset`, every block verified; bytes never written read as zeros.
     /// `expected_version` must equal this replica's version, so a stale replica never serves.
     pub fn read(&self, chunk_id: u64, expected_version: u64, offset: u64, len: u64) -> Result<Vec<u8>, ChunkStoreError> {
+        let mut buf = Vec::new();
+        let range = self.read_into(chunk_id, expected_version, offset, len, &mut buf)?;
+        buf.truncate(range.end);
+        buf.drain(..range.start);
+        Ok(buf)
+    }
+
+    /// [`ChunkStore::read`] into `buf` (grown as needed, never shrunk, so a connection reuses
+    /// it): `buf` gets the whole blocks the range touches, each checked against its crc, and
+    /// the returned range of `buf` holds the `len` bytes asked for. Reads share the chunk's
+    /// lock and keep the replica's version, length and crc file between requests (see
+    /// [`ChunkLock`]).
+    pub fn read_into(&self, chunk_id: u64, expected_version: u64, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<Range<usize>, ChunkStoreError> {
         self.check_range(chunk_id, offset, len)?;
         let lock = self.lock_chunk(chunk_id);
-        let _guard = lock.lock().expect("chunk lock");
-        let local = self.version(chunk_id)?;
-        if local != expected_version {
-            return Err(ChunkStoreError::VersionMismatch { chunk_id, local, expected: expected_version });
+        let _shared = lock.read().expect("chunk lock");
+        let replica = self.replica_for_reads(chunk_id, &lock)?;
+        if replica.version != expected_version {
+            return Err(ChunkStoreError::VersionMismatch { chunk_id, local: replica.version, expected: expected_version });
         }
-        let mut out = vec![0u8; len as usize];
         if len == 0 {
-            return Ok(out);
+            return Ok(0..0);
         }
+        let (first, last) = block_span(offset, len);
+        let span_len = ((last + 1 - first) * BLOCK_SIZE) as usize;
+        if buf.len() < span_len {
+            buf.resize(span_len, 0);
+        }
+        let span = &mut buf[..span_len];
+        match &replica.files {
+            Some(files) => self.read_blocks_verified(chunk_id, files, first, span)?,
+            None => span.fill(0),
+        }
+        let head = (offset - first * BLOCK_SIZE) as usize;
+        Ok(head..head + len as usize)
+    }
+
+    /// The replica's version, data length and open crc file, as kept since the last exclusive
+    /// holder of the chunk's lock, or looked up now (the caller holds the lock shared).
+    fn replica_for_reads(&self, chunk_id: u64, lock: &Arc<ChunkLock>) -> Result<Arc<ReplicaForReads>, ChunkStoreError> {
+        if let Some(kept) = lock.open_for_reads.lock().expect("replica kept for reads").clone() {
+            return Ok(kept);
+        }
+        let version = self.version(chunk_id)?;
         let data_path = self.path(chunk_id, "data");
-        let data_file = match File::open(&data_path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        let files = match File::open(&data_path) {
+            Ok(data) => {
+                let crc_path = self.path(chunk_id, "crc");
+                let crc = File::open(&crc_path).map_err(io_at(&crc_path))?;
+                let data_len = data.metadata().map_err(io_at(&data_path))?.len();
+                Some(ReplicaFiles { crc, data_len })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_at(&data_path)(e)),
         };
-        let crc_path = self.path(chunk_id, "crc");
-        let crc_file = File::open(&crc_path).map_err(io_at(&crc_path))?;
-        let file_len = data_file.metadata().map_err(io_at(&data_path))?.len();
-        let (first, last) = block_span(offset, len);
-        for block in first..=last {
-            let buf = self.read_block(chunk_id, &data_file, &crc_file, block, file_len)?;
-            let block_start = block * BLOCK_SIZE;
-            let from = offset.max(block_start);
-            let to = (offset + len).min(block_start + buf.len() as u64);
-            if to > from {
-                out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(&buf[(from - block_start) as usize..(to - block_start) as usize]);
+        let replica = Arc::new(ReplicaForReads { version, files });
+        *lock.open_for_reads.lock().expect("replica kept for reads") = Some(replica.clone());
+        let mut kept = self.kept_open_for_reads.lock().expect("replicas kept for reads");
+        kept.push_back(Arc::downgrade(lock));
+        while kept.len() > REPLICAS_KEPT_OPEN_FOR_READS {
+            if let Some(oldest) = kept.pop_front().and_then(|weak| weak.upgrade()) {
+                *oldest.open_for_reads.lock().expect("replica kept for reads") = None;
             }
         }
-        Ok(out)
+        Ok(replica)
+    }
+
+    /// Fills `span` with the blocks from `first_block` on: one read of the data, one of their
+    /// crcs, then every block on disk checked (a block padded with zeros past the end of the
+    /// data has the crc of its bytes, see [`block_crc`]). Blocks past the end read as zeros.
+    fn read_blocks_verified(&self, chunk_id: u64, files: &ReplicaFiles, first_block: u64, span: &mut [u8]) -> Result<(), ChunkStoreError> {
+        let start = first_block * BLOCK_SIZE;
+        let on_disk = files.data_len.saturating_sub(start).min(span.len() as u64) as usize;
+        if on_disk > 0 {
+            let data_path = self.path(chunk_id, "data");
+            let data = File::open(&data_path).map_err(io_at(&data_path))?;
+            data.read_exact_at(&mut span[..on_disk], start).map_err(io_at(&data_path))?;
+        }
+        span[on_disk..].fill(0);
+        let blocks = on_disk.div_ceil(BLOCK_SIZE as usize);
+        let mut crcs = vec![0u8; blocks * 4];
+        files.crc.read_exact_at(&mut crcs, first_block * 4).map_err(io_at(&self.path(chunk_id, "crc")))?;
+        for (i, (block, stored)) in span.chunks(BLOCK_SIZE as usize).zip(crcs.chunks_exact(4)).enumerate() {
+            let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
+            let computed = crc32c::crc32c(block);
+            if stored != computed {
+                let block = first_block + i as u64;
+                tracing::error!(chunk_id, block, "crc32c mismatch: replica block is corrupt");
+                return Err(ChunkStoreError::Corrupt { chunk_id, block, stored, computed });
+            }
+        }
+        Ok(())
     }
 
     /// Zeroes `len` bytes at `offset` (they read as zeros afterwards); whole blocks are
@@ -289,7 +563,7 @@ impl ChunkStore {
             }
         }
         if version > local {
-            write_durably(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+            self.set_version_durably(chunk_id, version)?;
         }
         Ok(())
     }
@@ -323,7 +597,7 @@ impl ChunkStore {
             }
         }
         if version > local {
-            write_durably(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+            self.set_version_durably(chunk_id, version)?;
         }
         Ok(())
     }
@@ -373,7 +647,7 @@ impl ChunkStore {
         to_crc.write_all(&crcs).map_err(io_at(&to_crc_path))?;
         to_data.sync_data().map_err(io_at(&to_data_path))?;
         to_crc.sync_data().map_err(io_at(&to_crc_path))?;
-        write_durably(&self.path(to, "version"), version.to_string().as_bytes())
+        self.set_version_durably(to, version)
     }
 
     /// Rewrites `block` of the chunk with `data` (a good replica's copy of the same version),
@@ -477,15 +751,44 @@ impl ChunkStore {
 
     /// fdatasync of the chunk's data and crcs.
     pub fn sync(&self, chunk_id: u64) -> Result<(), ChunkStoreError> {
-        for ext in ["data", "crc"] {
-            let path = self.path(chunk_id, ext);
-            match File::open(&path) {
-                Ok(f) => f.sync_data().map_err(io_at(&path))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_at(&path)(e)),
+        self.sync_chunks(&[chunk_id])
+    }
+
+    /// fdatasync of the data and crcs of every chunk of `chunk_ids`, all at once (the disk then
+    /// merges their cache flushes), then their versions and the epochs of the files that wrote
+    /// them made durable (see [`WriteSide`]).
+    pub fn sync_chunks(&self, chunk_ids: &[u64]) -> Result<(), ChunkStoreError> {
+        // The files writes keep open, or else opened now (a chunk never written has none).
+        let mut kept: Vec<(u64, Arc<WriteFiles>)> = Vec::new();
+        let mut opened: Vec<(PathBuf, File)> = Vec::new();
+        for &chunk_id in chunk_ids {
+            if let Some(files) = self.write_side.lock().expect("write side").files.get(&chunk_id).cloned() {
+                kept.push((chunk_id, files));
+                continue;
+            }
+            for ext in ["data", "crc"] {
+                let path = self.path(chunk_id, ext);
+                match File::open(&path) {
+                    Ok(f) => opened.push((path, f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_at(&path)(e)),
+                }
             }
         }
-        Ok(())
+        let mut files: Vec<(PathBuf, &File)> = opened.iter().map(|(path, f)| (path.clone(), f)).collect();
+        for (chunk_id, kept) in &kept {
+            files.push((self.path(*chunk_id, "data"), &kept.data));
+            files.push((self.path(*chunk_id, "crc"), &kept.crc));
+        }
+        let results: Vec<Result<(), ChunkStoreError>> = std::thread::scope(|scope| {
+            let Some(((last_path, last_file), rest)) = files.split_last() else { return Vec::new() };
+            let handles: Vec<_> = rest.iter().map(|(path, file)| scope.spawn(move || file.sync_data().map_err(io_at(path)))).collect();
+            let mut results = vec![last_file.sync_data().map_err(io_at(last_path))];
+            results.extend(handles.into_iter().map(|h| h.join().expect("fdatasync thread")));
+            results
+        });
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        self.persist_unsynced(chunk_ids)
     }
 
     /// Removes the replica (the file was deleted).
@@ -499,6 +802,13 @@ impl ChunkStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_at(&path)(e)),
             }
+        }
+        {
+            let mut side = self.write_side.lock().expect("write side");
+            side.files.remove(&chunk_id);
+            side.versions.remove(&chunk_id);
+            side.unsynced_versions.remove(&chunk_id);
+            side.epoch_writers.remove(&chunk_id);
         }
         self.chunk_locks.lock().expect("chunk lock table").remove(&chunk_id);
         Ok(())
@@ -526,6 +836,14 @@ pub fn digest_of_crcs(crcs: &[u8], blocks: u64) -> u64 {
     }
     let crc = entries.iter().fold(0u32, |acc, e| crc32c::crc32c_append(acc, e));
     ((entries.len() as u64) << 32) | crc as u64
+}
+
+/// Write and rename, no fsync: the file holds either the old or the new content, and keeps
+/// it across a crash of this process; a crash of the machine may lose it (see [`WriteSide`]).
+fn write_replacing(path: &Path, content: &[u8]) -> Result<(), ChunkStoreError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, content).map_err(io_at(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_at(path))
 }
 
 /// Write, fsync, rename, fsync dir: the file holds either the old or the new content.
@@ -628,6 +946,40 @@ mod tests {
     }
 
     #[test]
+    fn versions_and_epochs_of_writes_survive_a_restart_and_a_sync_makes_them_durable() {
+        let (dir, store) = store();
+        store.write(9, 4, 40, 2, 0, b"lazy", false).unwrap();
+        store.write(9, 4, 41, 1, 0, b"other", false).unwrap();
+        {
+            let side = store.write_side.lock().unwrap();
+            assert!(side.unsynced_versions.contains(&40) && side.unsynced_epochs.contains(&9));
+            assert_eq!(side.epoch_writers.get(&40), Some(&9));
+        }
+        store.sync_chunks(&[40]).unwrap();
+        {
+            let side = store.write_side.lock().unwrap();
+            assert!(!side.unsynced_versions.contains(&40) && side.unsynced_versions.contains(&41));
+            assert!(!side.unsynced_epochs.contains(&9), "the epoch went with the first chunk synced");
+        }
+        // Replaced at once on disk: a restarted server (a crash of the process) still has them.
+        drop(store);
+        let store = ChunkStore::open(dir.path(), 4 * BLOCK_SIZE).unwrap();
+        assert_eq!(store.version(40).unwrap(), 2);
+        assert_eq!(store.version(41).unwrap(), 1);
+        assert!(matches!(store.write(9, 3, 41, 1, 0, b"old", false), Err(ChunkStoreError::StaleEpoch { newest: 4, .. })));
+        assert_eq!(store.read(41, 1, 0, 5).unwrap(), b"other");
+        // A fence of the epoch a write recorded makes it durable before answering.
+        store.write(10, 1, 42, 1, 0, b"x", false).unwrap();
+        assert!(store.write_side.lock().unwrap().unsynced_epochs.contains(&10));
+        store.check_epoch(10, 1).unwrap();
+        assert!(!store.write_side.lock().unwrap().unsynced_epochs.contains(&10));
+        // A deleted chunk leaves nothing cached behind.
+        store.delete(42).unwrap();
+        assert_eq!(store.version(42).unwrap(), 0);
+        assert_eq!(store.read(42, 0, 0, 1).unwrap(), [0u8]);
+    }
+
+    #[test]
     fn stale_version_is_never_served() {
         let (_dir, store) = store();
         store.write(1, 1, 5, 2, 0, b"abc", false).unwrap();
@@ -701,6 +1053,52 @@ mod tests {
         f.write_all_at(&[0u8], 10).unwrap();
         assert!(matches!(store.copy_chunk(2, 5, 30, 3, 33, 1), Err(ChunkStoreError::Corrupt { .. })));
         assert_eq!(store.version(33).unwrap(), 0);
+    }
+
+    #[test]
+    fn reads_never_see_a_replica_older_than_the_last_change() {
+        let (dir, store) = store();
+        store.write(1, 1, 40, 1, 0, &[1u8; 100_000], false).unwrap();
+        assert_eq!(store.read(40, 1, 99_990, 10).unwrap(), [1u8; 10]);
+        // Every kind of change after a read (which kept the files open) shows at the next read.
+        store.write(1, 1, 40, 2, 99_995, &[2u8; 10], false).unwrap();
+        assert!(matches!(store.read(40, 1, 0, 1), Err(ChunkStoreError::VersionMismatch { local: 2, .. })));
+        assert_eq!(store.read(40, 2, 99_990, 20).unwrap(), [[1u8; 5], [2u8; 5], [2u8; 5], [0u8; 5]].concat());
+        store.truncate(1, 1, 40, 2, 10).unwrap();
+        assert_eq!(store.read(40, 2, 0, 20).unwrap(), [[1u8; 10], [0u8; 10]].concat());
+        store.punch_hole(1, 1, 40, 3, 0, 5).unwrap();
+        assert_eq!(store.read(40, 3, 0, 12).unwrap(), [&[0u8; 5][..], &[1u8; 5], &[0u8; 2]].concat());
+        store.delete(40).unwrap();
+        assert!(matches!(store.read(40, 3, 0, 1), Err(ChunkStoreError::VersionMismatch { local: 0, .. })));
+        // A block corrupted on disk under a kept-open file is still caught.
+        store.write(1, 1, 41, 1, 0, &[3u8; 3 * BLOCK_SIZE as usize], false).unwrap();
+        assert_eq!(store.read(41, 1, 10, 2 * BLOCK_SIZE).unwrap(), vec![3u8; 2 * BLOCK_SIZE as usize]);
+        let f = OpenOptions::new().write(true).open(ChunkStore::data_path(dir.path(), 41)).unwrap();
+        f.write_all_at(&[4u8], 2 * BLOCK_SIZE + 1).unwrap();
+        assert!(matches!(store.read(41, 1, 10, 2 * BLOCK_SIZE), Err(ChunkStoreError::Corrupt { block: 2, .. })));
+        assert_eq!(store.read(41, 1, 0, BLOCK_SIZE).unwrap(), vec![3u8; BLOCK_SIZE as usize], "the other blocks still read");
+    }
+
+    #[test]
+    fn reads_into_a_reused_buffer_return_the_asked_range() {
+        let (_dir, store) = store();
+        let data: Vec<u8> = (0..(3 * BLOCK_SIZE as u32 + 100)).map(|i| (i % 253) as u8).collect();
+        store.write(1, 1, 50, 1, 0, &data, false).unwrap();
+        let mut buf = vec![0xffu8; 8 * BLOCK_SIZE as usize];
+        for (offset, len) in [(0u64, 1u64), (BLOCK_SIZE - 1, 2), (5, 3 * BLOCK_SIZE + 95), (3 * BLOCK_SIZE + 50, 200), (100, 0)] {
+            let range = store.read_into(50, 1, offset, len, &mut buf).unwrap();
+            let expected: Vec<u8> = (offset..offset + len).map(|i| data.get(i as usize).copied().unwrap_or(0)).collect();
+            assert_eq!(&buf[range], expected.as_slice(), "{offset}+{len}");
+        }
+        // More chunks read than reads keep open: all still read right.
+        for id in 100..100 + 2 * REPLICAS_KEPT_OPEN_FOR_READS as u64 {
+            store.write(1, 1, id, 1, 0, &id.to_le_bytes(), false).unwrap();
+            assert_eq!(store.read(id, 1, 0, 8).unwrap(), id.to_le_bytes());
+        }
+        for id in 100..100 + 2 * REPLICAS_KEPT_OPEN_FOR_READS as u64 {
+            assert_eq!(store.read(id, 1, 0, 8).unwrap(), id.to_le_bytes());
+        }
+        assert!(store.kept_open_for_reads.lock().unwrap().len() <= REPLICAS_KEPT_OPEN_FOR_READS);
     }
 
     #[test]

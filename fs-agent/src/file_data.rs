@@ -4,8 +4,9 @@
 //! `min_copies` hold the data. Reads go to one current replica (version checked by the server,
 //! every block's crc verified) and move to the next one on any failure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::chunk_client::{ChunkClient, ChunkClientError};
 use crate::chunk_protocol::{ChunkFailure, ChunkRequest, ChunkResponse};
@@ -18,6 +19,12 @@ use crate::servers::ServerStates;
 /// Default chunk size: 64 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
 const MAX_CONFLICT_RETRIES: usize = 16;
+/// Each registered server, with its free space or why it did not answer.
+type PlacementAnswers = Vec<(String, Result<u64, String>)>;
+
+/// How long the servers' answers to `Capacity` serve new chunks' placement before they are
+/// asked again (sooner after a write to a new chunk failed somewhere, or found no room).
+const PLACEMENT_ANSWERS_TTL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -70,6 +77,15 @@ pub struct FileData {
     leased_chunks: Mutex<HashMap<(u64, u64), (ChunkInfo, u64)>>,
     /// This node's own chunk server: read first when it holds a current replica.
     local_server: Option<String>,
+    /// The servers new chunks may go to, with their free space or why they did not answer,
+    /// and when they were asked ([`PLACEMENT_ANSWERS_TTL`]).
+    placement_answers: Mutex<Option<(Instant, PlacementAnswers)>>,
+    /// Files this client created and holds the lease of since: they have no chunk records
+    /// but those in `leased_chunks`, so allocating one needs no look in the store first.
+    new_files: Mutex<std::collections::HashSet<u64>>,
+    /// Chunks `(ino, index)` just allocated from answers kept from earlier: if their first
+    /// write reaches too few servers (some went away meanwhile), they are placed again.
+    placed_from_old_answers: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 /// Result of sending one request to several replicas.
@@ -97,6 +113,9 @@ impl FileData {
             min_copies: min_copies.max(1),
             leased_chunks: Mutex::new(HashMap::new()),
             local_server: None,
+            placement_answers: Mutex::new(None),
+            new_files: Mutex::new(Default::default()),
+            placed_from_old_answers: Mutex::new(Default::default()),
         }
     }
 
@@ -138,8 +157,13 @@ impl FileData {
 
     fn fanout(&self, servers: &[String], request: &ChunkRequest) -> Fanout {
         let results: Vec<(String, Result<ChunkResponse, ChunkClientError>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = servers.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, request)))).collect();
-            handles.into_iter().map(|(s, h)| (s, h.join().expect("replica call thread"))).collect()
+            // The last server is called from this thread: one thread fewer to start per request.
+            let Some((last, others)) = servers.split_last() else { return Vec::new() };
+            let handles: Vec<_> = others.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, request)))).collect();
+            let mine = self.chunks.call(last, request);
+            let mut results: Vec<_> = handles.into_iter().map(|(s, h)| (s, h.join().expect("replica call thread"))).collect();
+            results.push((last.clone(), mine));
+            results
         });
         let mut fanout = Fanout { succeeded: vec![], failures: vec![] };
         for (server, result) in results {
@@ -167,7 +191,9 @@ impl FileData {
             return Ok(Some(cached.clone()));
         }
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let found = match self.namespace.chunk(lease.ino, index)? {
+            let known_absent = self.new_files.lock().expect("new files").contains(&lease.ino);
+            let record = if known_absent { None } else { self.namespace.chunk(lease.ino, index)? };
+            let found = match record {
                 Some((chunk, revision)) => {
                     if self.namespace.shared_chunk(chunk.chunk_id)?.is_none() {
                         (chunk, revision)
@@ -181,17 +207,33 @@ impl FileData {
                 None => {
                     let Some(copies) = allocate else { return Ok(None) };
                     let chunk_id: u64 = rand::random();
-                    let (candidates, unanswered) = self.placement_candidates(copies)?;
+                    let answers_were_kept = self.placement_answers.lock().expect("placement answers").as_ref().is_some_and(|(asked, _)| asked.elapsed() < PLACEMENT_ANSWERS_TTL);
+                    let (mut candidates, mut unanswered) = self.placement_candidates(copies)?;
+                    if place_replicas(&candidates, copies as usize, chunk_id).len() < self.min_copies {
+                        // The answers may be old: ask the servers again before giving up.
+                        self.forget_placement_answers();
+                        (candidates, unanswered) = self.placement_candidates(copies)?;
+                    }
                     let placed = place_replicas(&candidates, copies as usize, chunk_id);
                     if placed.len() < self.min_copies {
                         let unanswered = if unanswered.is_empty() { String::new() } else { format!(" (not answering: {})", unanswered.join("; ")) };
                         return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies, unanswered });
                     }
+                    self.reserve_chunk_on(&placed);
                     let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
                     match self.namespace.put_chunk(lease, index, &chunk, 0)? {
-                        Some(rev) => (chunk, rev),
-                        // Another thread of this client allocated it first.
-                        None => continue,
+                        Some(rev) => {
+                            if answers_were_kept {
+                                self.placed_from_old_answers.lock().expect("placed chunks").insert((lease.ino, index));
+                            }
+                            (chunk, rev)
+                        }
+                        // Another thread of this client allocated it first (or a clone put
+                        // chunks into this new file): look in the store from now on.
+                        None => {
+                            self.new_files.lock().expect("new files").remove(&lease.ino);
+                            continue;
+                        }
                     }
                 }
             };
@@ -246,8 +288,30 @@ impl FileData {
     /// with ENOSPC, which marks them stale). Draining servers get no new chunks. Also returns
     /// why the others did not answer.
     fn placement_candidates(&self, copies: u32) -> Result<(Vec<String>, Vec<String>), DataError> {
+        // Draining is looked up every time: a drained server must get no new chunk at once.
         let draining = crate::servers::draining(&self.namespace)?;
-        let servers: Vec<String> = self.namespace.servers()?.into_iter().filter(|s| !draining.contains(s)).collect();
+        let answers: PlacementAnswers = self.placement_answers()?.into_iter().filter(|(s, _)| !draining.contains(s)).collect();
+        if answers.is_empty() {
+            return Err(DataError::NoServers);
+        }
+        let unanswered: Vec<String> = answers.iter().filter_map(|(_, free)| free.as_ref().err().cloned()).collect();
+        let with_room: Vec<String> = answers.iter().filter(|(_, free)| free.as_ref().is_ok_and(|f| *f >= self.chunk_size)).map(|(s, _)| s.clone()).collect();
+        if with_room.len() >= copies as usize {
+            return Ok((with_room, unanswered));
+        }
+        Ok((answers.into_iter().filter(|(_, free)| free.is_ok()).map(|(s, _)| s).collect(), unanswered))
+    }
+
+    /// The registered servers, with their free space or why they did not answer: asked at most
+    /// every [`PLACEMENT_ANSWERS_TTL`], so allocating a chunk does not cost a round trip to
+    /// every server.
+    fn placement_answers(&self) -> Result<PlacementAnswers, DataError> {
+        if let Some((asked, answers)) = &*self.placement_answers.lock().expect("placement answers") {
+            if asked.elapsed() < PLACEMENT_ANSWERS_TTL {
+                return Ok(answers.clone());
+            }
+        }
+        let servers: Vec<String> = self.namespace.servers()?;
         if servers.is_empty() {
             return Err(DataError::NoServers);
         }
@@ -262,12 +326,26 @@ impl FileData {
                 })
                 .collect()
         });
-        let unanswered: Vec<String> = answers.iter().filter_map(|(_, free)| free.as_ref().err().cloned()).collect();
-        let with_room: Vec<String> = answers.iter().filter(|(_, free)| free.as_ref().is_ok_and(|f| *f >= self.chunk_size)).map(|(s, _)| s.clone()).collect();
-        if with_room.len() >= copies as usize {
-            return Ok((with_room, unanswered));
+        *self.placement_answers.lock().expect("placement answers") = Some((Instant::now(), answers.clone()));
+        Ok(answers)
+    }
+
+    /// Counts a whole new chunk against the kept free space of `servers`, as their next
+    /// answer would once it is written: a server that is filling up stops getting chunks
+    /// before it is full.
+    fn reserve_chunk_on(&self, servers: &[String]) {
+        if let Some((_, answers)) = &mut *self.placement_answers.lock().expect("placement answers") {
+            for (server, free) in answers.iter_mut() {
+                if let (true, Ok(free)) = (servers.contains(server), free) {
+                    *free = free.saturating_sub(self.chunk_size);
+                }
+            }
         }
-        Ok((answers.into_iter().filter(|(_, free)| free.is_ok()).map(|(s, _)| s).collect(), unanswered))
+    }
+
+    /// The next chunk allocation asks the servers again (one failed or was full).
+    fn forget_placement_answers(&self) {
+        *self.placement_answers.lock().expect("placement answers") = None;
     }
 
     fn forget_cached(&self, ino: u64, index: u64) {
@@ -277,6 +355,12 @@ impl FileData {
     /// Forgets every cached chunk record of `ino` (its lease was released or lost).
     pub fn forget_file(&self, ino: u64) {
         self.leased_chunks.lock().expect("chunk cache").retain(|(i, _), _| *i != ino);
+        self.new_files.lock().expect("new files").remove(&ino);
+    }
+
+    /// `ino` was just created with its lease held by this client: it has no chunk records.
+    pub fn created_file(&self, ino: u64) {
+        self.new_files.lock().expect("new files").insert(ino);
     }
 
     /// After a request reached only `fanout.succeeded` of the current replicas: record the
@@ -363,8 +447,16 @@ impl FileData {
                 self.forget_file(lease.ino);
                 return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
             }
+            let placed_from_old_answers = self.placed_from_old_answers.lock().expect("placed chunks").remove(&(lease.ino, index));
             if fanout.failures.is_empty() && current.len() >= self.min_copies {
                 return Ok(());
+            }
+            self.forget_placement_answers();
+            if placed_from_old_answers && fanout.succeeded.len() < self.min_copies {
+                // Placed on servers that went away since they last answered: nothing was
+                // acknowledged there, so the chunk moves to servers that answer now.
+                self.place_again(lease, index, &chunk, revision, allocate.unwrap_or(1))?;
+                continue;
             }
             if fanout.succeeded.is_empty() || fanout.succeeded.len() < self.min_copies {
                 // Not acknowledged. If some replicas took it, the others are now behind them.
@@ -386,24 +478,54 @@ impl FileData {
         Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into())
     }
 
+    /// Records chunk `index` of the leased file (at `revision`, never acknowledged a write) as a
+    /// new chunk on servers that answer now, and deletes what the first placement holds.
+    fn place_again(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, revision: u64, copies: u32) -> Result<(), DataError> {
+        let chunk_id: u64 = rand::random();
+        let (candidates, unanswered) = self.placement_candidates(copies)?;
+        let placed = place_replicas(&candidates, copies as usize, chunk_id);
+        if placed.len() < self.min_copies {
+            let unanswered = if unanswered.is_empty() { String::new() } else { format!(" (not answering: {})", unanswered.join("; ")) };
+            return Err(DataError::NoSpace { ino: lease.ino, index, usable: placed, min_copies: self.min_copies, unanswered });
+        }
+        self.reserve_chunk_on(&placed);
+        let moved = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
+        self.forget_cached(lease.ino, index);
+        if let Some(rev) = self.namespace.put_chunk(lease, index, &moved, revision)? {
+            self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), (moved, rev));
+            self.delete_replicas(std::slice::from_ref(chunk));
+        }
+        Ok(())
+    }
+
     /// Reads up to `len` bytes at `offset` of a file of `size` bytes.
     pub fn read(&self, ino: u64, size: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<Vec<u8>, DataError> {
         if offset >= size {
             return Ok(vec![]);
         }
         let len = len.min(size - offset);
-        let mut out = Vec::with_capacity(len as usize);
-        while (out.len() as u64) < len {
-            let position = offset + out.len() as u64;
+        let mut out = vec![0u8; len as usize];
+        let mut done = 0u64;
+        while done < len {
+            let position = offset + done;
             let index = position / self.chunk_size;
             let in_chunk = position % self.chunk_size;
-            let piece = (self.chunk_size - in_chunk).min(len - out.len() as u64);
-            out.extend(self.read_chunk(ino, index, in_chunk, piece, lease)?);
+            let piece = (self.chunk_size - in_chunk).min(len - done);
+            self.read_chunk(ino, index, in_chunk, &mut out[done as usize..(done + piece) as usize], lease)?;
+            done += piece;
         }
         Ok(out)
     }
 
-    fn read_chunk(&self, ino: u64, index: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<Vec<u8>, DataError> {
+    /// Fills `out` from `offset` of chunk `index`, from one current replica (the local one
+    /// first), moving to the next on any failure. A block some replica found corrupt is
+    /// repaired from the one that then served it.
+    ///
+    /// One replica serves the whole read on purpose: each replica's chunk file then sees a
+    /// sequential stream the kernel reads ahead on. Splitting a read across replicas (tried)
+    /// showed each server a strided pattern with no readahead, and sequential reads were
+    /// slower with it.
+    fn read_chunk(&self, ino: u64, index: u64, offset: u64, out: &mut [u8], lease: Option<&HeldLease>) -> Result<(), DataError> {
         let mut failures = Vec::new();
         for attempt in 0..2 {
             let cached = if attempt == 0 && lease.is_some() { self.leased_chunks.lock().expect("chunk cache").get(&(ino, index)).cloned() } else { None };
@@ -411,20 +533,23 @@ impl FileData {
                 Some((c, _)) => c,
                 None => match self.namespace.chunk(ino, index)? {
                     Some((c, _)) => c,
-                    None => return Ok(vec![0u8; len as usize]), // a hole
+                    None => {
+                        out.fill(0); // a hole
+                        return Ok(());
+                    }
                 },
             };
+            let request = ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset, len: out.len() as u64 };
             let mut corrupt: Vec<(String, u64)> = Vec::new();
             for server in self.read_order(&chunk) {
-                let request = ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset, len };
-                match self.chunks.call(&server, &request) {
-                    Ok(ChunkResponse::Data(data)) if data.len() as u64 == len => {
+                // The answer's bytes land in `out` as they come off the connection.
+                match self.chunks.read_into(&server, &request, out) {
+                    Ok(()) => {
                         for (bad_server, block) in corrupt {
                             let _ = self.repair_block(&chunk, &server, &bad_server, block);
                         }
-                        return Ok(data);
+                        return Ok(());
                     }
-                    Ok(other) => failures.push(format!("{server}: unexpected answer {other:?}")),
                     Err(e) => {
                         if let ChunkClientError::Refused { failure: ChunkFailure::Corrupt { block, .. }, .. } = &e {
                             corrupt.push((server.clone(), *block));
@@ -468,20 +593,63 @@ impl FileData {
     }
 
     /// Makes the written chunks `indexes` of the leased file durable on their current replicas.
+    /// One `SyncChunks` per server, for all of that server's chunks, every server at once; a
+    /// chunk with a replica that failed it goes through [`FileData::sync_chunk`], which marks
+    /// the failed replicas stale.
     pub fn sync(&self, lease: &HeldLease, indexes: &[u64]) -> Result<(), DataError> {
+        let mut chunks = Vec::new();
         for &index in indexes {
-            for _ in 0..MAX_CONFLICT_RETRIES {
-                let Some((chunk, revision)) = self.cached_or_stored(lease, index)? else { break };
-                let fanout = self.fanout(&chunk.current_servers(), &ChunkRequest::Sync { chunk_id: chunk.chunk_id });
-                if fanout.failures.is_empty() {
-                    break;
-                }
-                if fanout.succeeded.len() < self.min_copies {
-                    return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
-                }
-                if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
-                    break;
-                }
+            if let Some((chunk, _)) = self.cached_or_stored(lease, index)? {
+                chunks.push((index, chunk));
+            }
+        }
+        let mut per_server: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (_, chunk) in &chunks {
+            for server in chunk.current_servers() {
+                per_server.entry(server).or_default().push(chunk.chunk_id);
+            }
+        }
+        let failed: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = per_server
+                .into_iter()
+                .map(|(server, chunk_ids)| scope.spawn(move || (self.chunks.call(&server, &ChunkRequest::SyncChunks { chunk_ids }), server)))
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| match h.join().expect("sync thread") {
+                    (Ok(_), _) => None,
+                    (Err(e), server) => {
+                        tracing::warn!(%server, "replica sync failed: {e}");
+                        if e.is_unavailable() {
+                            self.chunks.forget(&server);
+                        }
+                        Some(server)
+                    }
+                })
+                .collect()
+        });
+        for (index, chunk) in chunks {
+            if chunk.current_servers().iter().any(|s| failed.contains(s)) {
+                self.sync_chunk(lease, index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes chunk `index` of the leased file durable on its current replicas, marking those
+    /// that fail stale.
+    fn sync_chunk(&self, lease: &HeldLease, index: u64) -> Result<(), DataError> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let Some((chunk, revision)) = self.cached_or_stored(lease, index)? else { break };
+            let fanout = self.fanout(&chunk.current_servers(), &ChunkRequest::Sync { chunk_id: chunk.chunk_id });
+            if fanout.failures.is_empty() {
+                break;
+            }
+            if fanout.succeeded.len() < self.min_copies {
+                return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
+            }
+            if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
+                break;
             }
         }
         Ok(())
@@ -504,7 +672,7 @@ impl FileData {
         }
         self.forget_file(lease.ino);
         self.delete_replicas(&dropped);
-        if new_size % self.chunk_size != 0 {
+        if !new_size.is_multiple_of(self.chunk_size) {
             let index = new_size / self.chunk_size;
             for _ in 0..MAX_CONFLICT_RETRIES {
                 let Some((chunk, revision)) = self.exclusive_chunk(lease, index, None)? else { break };

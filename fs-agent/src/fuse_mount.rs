@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -20,10 +20,13 @@ use fuser::{
 
 use crate::chunk_protocol::{ChunkRequest, ChunkResponse};
 use crate::file_data::{DataError, FileData};
-use crate::namespace::{AttrChanges, HeldLease, Inode, InodeKind, NamespaceError, Removed, Timestamp, XattrMode, MAX_CHUNKS_PER_COMMIT};
+use crate::namespace::{mode_without_suidgid, AttrChanges, HeldLease, Inode, InodeKind, NamespaceError, Removed, Timestamp, XattrMode, MAX_CHUNKS_PER_COMMIT};
 
 /// How long the kernel may cache attributes and entries: short, since other nodes change them.
 const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Asynchronous requests (readahead, asynchronous direct I/O) the kernel keeps in flight at
+/// most (fuser's default is 16); a quarter less marks the mount congested.
+const MAX_BACKGROUND_REQUESTS: u16 = 64;
 
 /// Per-file state of files open on this mount.
 #[derive(Default)]
@@ -36,6 +39,9 @@ struct OpenFile {
     size_dirty: bool,
     dirty_chunks: BTreeSet<u64>,
     copies: u32,
+    /// The file's permission bits as of the lease's taking (and this mount's own changes):
+    /// whether a write must clear setuid and setgid.
+    mode: u32,
     /// Set once a write was fenced: the lease is gone, every later write fails.
     fenced: bool,
 }
@@ -55,7 +61,15 @@ pub struct SharedFs {
     next_handle: AtomicU64,
     /// Files where processes of this node took byte-range locks (released on close).
     locked_files: Mutex<std::collections::HashSet<u64>>,
+    /// Files found without a `security.capability` attribute, and when: the kernel asks for it
+    /// before writes, and the answer holds for [`ATTR_TTL`], as attributes do.
+    without_capability: Mutex<HashMap<u64, Instant>>,
+    /// Open files whose last link this mount may have removed: their last close looks.
+    maybe_orphans: Mutex<std::collections::HashSet<u64>>,
 }
+
+/// The extended attribute the kernel looks up before writes (file capabilities).
+const CAPABILITY_XATTR: &str = "security.capability";
 
 fn errno_of(code: i32) -> Errno {
     Errno::from_i32(code)
@@ -90,7 +104,16 @@ impl SharedFs {
     /// its leases back (same epoch); another node must take them over (new epoch).
     pub fn new(data: FileData, node_id: &str) -> SharedFs {
         let holder = node_id.to_string();
-        SharedFs { data: Arc::new(data), holder, open_files: Arc::new(Mutex::new(HashMap::new())), handles: Mutex::new(HashMap::new()), next_handle: AtomicU64::new(1), locked_files: Mutex::new(Default::default()) }
+        SharedFs {
+            data: Arc::new(data),
+            holder,
+            open_files: Arc::new(Mutex::new(HashMap::new())),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            locked_files: Mutex::new(Default::default()),
+            without_capability: Mutex::new(HashMap::new()),
+            maybe_orphans: Mutex::new(Default::default()),
+        }
     }
 
     /// Every `interval`, brings the files this mount holds the write lease of back to their
@@ -159,32 +182,54 @@ impl SharedFs {
         self.open_files.lock().expect("open files").entry(ino).or_default().clone()
     }
 
+    /// Takes the file's write lease and fences older epochs on the chunk servers, before our
+    /// first write lands.
+    fn take_lease(&self, ino: u64) -> Result<(HeldLease, Inode), Errno> {
+        let lease = self.data.namespace().acquire_lease(ino, &self.holder, false).map_err(ns_err)?;
+        let ready = self.data.fence(&lease).map_err(data_err).and_then(|()| self.data.namespace().inode(ino).map_err(ns_err));
+        match ready {
+            Ok(inode) => Ok((lease, inode)),
+            Err(e) => {
+                let _ = self.data.namespace().release_lease(&lease);
+                Err(e)
+            }
+        }
+    }
+
+    fn hold_lease(state: &mut OpenFile, lease: HeldLease, inode: &Inode) {
+        state.size = inode.size;
+        state.copies = inode.replicas;
+        state.mode = inode.mode;
+        state.lease = Some(lease);
+        state.fenced = false;
+    }
+
+    /// The lease a write of an open file needs: EBADF without one, EIO once fenced.
+    fn lease_for_write(state: &OpenFile) -> Result<HeldLease, Errno> {
+        let Some(lease) = state.lease else { return Err(Errno::EBADF) };
+        if state.fenced {
+            return Err(Errno::EIO);
+        }
+        Ok(lease)
+    }
+
     /// Registers an open handle; a writable one takes the file's write lease.
     fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+        self.open_handle_leased(ino, flags, None)
+    }
+
+    /// [`SharedFs::open_handle`]; `created`: the lease was taken with the file's creation.
+    fn open_handle_leased(&self, ino: u64, flags: i32, created: Option<(HeldLease, &Inode)>) -> Result<u64, Errno> {
         let accmode = flags & libc::O_ACCMODE;
         let writable = accmode == libc::O_WRONLY || accmode == libc::O_RDWR;
         let file = self.open_file(ino);
         let mut state = file.lock().expect("open file");
+        if let (Some((lease, inode)), None) = (created, state.lease) {
+            Self::hold_lease(&mut state, lease, inode);
+        }
         if writable && state.lease.is_none() {
-            let acquired = (|| {
-                let lease = self.data.namespace().acquire_lease(ino, &self.holder, false).map_err(ns_err)?;
-                // Fence older epochs on the chunk servers before our first write lands.
-                let ready = self.data.fence(&lease).map_err(data_err).and_then(|()| self.data.namespace().inode(ino).map_err(ns_err));
-                match ready {
-                    Ok(inode) => Ok((lease, inode)),
-                    Err(e) => {
-                        let _ = self.data.namespace().release_lease(&lease);
-                        Err(e)
-                    }
-                }
-            })();
-            match acquired {
-                Ok((lease, inode)) => {
-                    state.size = inode.size;
-                    state.copies = inode.replicas;
-                    state.lease = Some(lease);
-                    state.fenced = false;
-                }
+            match self.take_lease(ino) {
+                Ok((lease, inode)) => Self::hold_lease(&mut state, lease, &inode),
                 Err(e) => {
                     drop(state);
                     drop(file);
@@ -237,6 +282,26 @@ impl SharedFs {
             }
         }
         Ok(())
+    }
+
+    /// Whether the removal of the last link of `ino` must leave it as an orphan (it is open
+    /// here); such a file is checked at its last close.
+    fn keep_if_open(&self, ino: u64) -> bool {
+        let open = self.open_files.lock().expect("open files").contains_key(&ino);
+        if open {
+            self.maybe_orphans.lock().expect("orphans").insert(ino);
+        }
+        open
+    }
+
+    /// File `ino` has no `security.capability` attribute, as of now.
+    fn remember_without_capability(&self, ino: u64) {
+        let mut known = self.without_capability.lock().expect("xattr cache");
+        // Entries older than the TTL serve nothing: they go, so the table stays small.
+        if known.len() > 4096 {
+            known.retain(|_, at| at.elapsed() < ATTR_TTL);
+        }
+        known.insert(ino, Instant::now());
     }
 
     fn sync_file(&self, ino: u64) -> Result<(), Errno> {
@@ -376,8 +441,10 @@ impl SharedFs {
             }
             _ => Ok(None),
         };
-        // Cached records of the source may be shared now: its next writes must look again.
+        // Cached records of the source may be shared now, and the target holds new ones:
+        // their next writes must look again.
         self.data.forget_file(ino_in);
+        self.data.forget_file(target_lease.ino);
         if temporary {
             let _ = self.data.namespace().release_lease(&source_lease);
         }
@@ -436,6 +503,19 @@ impl fuser::Filesystem for SharedFs {
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_LOCKS) {
             tracing::warn!(?missing, "the kernel offers no POSIX lock support: fcntl locks stay local to this node");
         }
+        // Without FUSE_ASYNC_DIO the kernel sends a file's O_DIRECT requests (a loop device's,
+        // so every VE disk's) one at a time and waits for each; with it, they are in flight
+        // together, up to `max_background`, and the worker threads serve them in parallel.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            tracing::warn!(?missing, "the kernel offers no asynchronous direct I/O: O_DIRECT requests are served one at a time");
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND_REQUESTS);
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel marks the superblock SB_NOSEC: it stops
+        // asking for security.capability before every write (a metadata read each), and
+        // leaves clearing setuid and setgid at writes, truncates and chowns to us.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2) {
+            tracing::warn!(?missing, "the kernel cannot leave setuid clearing to the filesystem: it looks up security.capability before every write");
+        }
         Ok(())
     }
 
@@ -456,7 +536,7 @@ impl fuser::Filesystem for SharedFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -482,9 +562,18 @@ impl fuser::Filesystem for SharedFs {
                 return reply.error(e);
             }
         }
-        let changes = AttrChanges { mode, uid, gid, atime: atime.map(time_of), mtime: mtime.map(time_of) };
+        // FUSE_HANDLE_KILLPRIV_V2: setuid and setgid go at a chown, and at a truncate by an
+        // unprivileged process, as the kernel would otherwise do itself.
+        let kill_suidgid = uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0);
+        let changes = AttrChanges { mode, uid, gid, atime: atime.map(time_of), mtime: mtime.map(time_of), kill_suidgid };
         match self.data.namespace().set_attributes(ino.0, &changes) {
-            Ok(inode) => reply.attr(&ATTR_TTL, &self.attr(&inode)),
+            Ok(inode) => {
+                let open = self.open_files.lock().expect("open files").get(&ino.0).cloned();
+                if let Some(file) = open {
+                    file.lock().expect("open file").mode = inode.mode;
+                }
+                reply.attr(&ATTR_TTL, &self.attr(&inode))
+            }
             Err(e) => reply.error(ns_err(e)),
         }
     }
@@ -508,7 +597,7 @@ impl fuser::Filesystem for SharedFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let is_open = |ino: u64| self.open_files.lock().expect("open files").contains_key(&ino);
+        let is_open = |ino: u64| self.keep_if_open(ino);
         match name_str(name).and_then(|name| self.data.namespace().unlink_keeping(parent.0, name, &is_open).map_err(ns_err)) {
             Ok(removed) => {
                 self.cleanup_removed(removed);
@@ -543,7 +632,7 @@ impl fuser::Filesystem for SharedFs {
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let result = name_str(name).and_then(|name| {
             let newname = name_str(newname)?;
-            let is_open = |ino: u64| self.open_files.lock().expect("open files").contains_key(&ino);
+            let is_open = |ino: u64| self.keep_if_open(ino);
             self.data.namespace().rename_keeping(parent.0, name, newparent.0, newname, no_replace, &is_open).map_err(ns_err)
         });
         match result {
@@ -570,9 +659,20 @@ impl fuser::Filesystem for SharedFs {
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let accmode = flags & libc::O_ACCMODE;
+        let writable = accmode == libc::O_WRONLY || accmode == libc::O_RDWR;
         let result = name_str(name).and_then(|name| {
-            let inode = self.data.namespace().create(parent.0, name, InodeKind::File, mode & !umask, req.uid(), req.gid(), None).map_err(ns_err)?;
-            let fh = self.open_handle(inode.ino, flags)?;
+            let (inode, lease) = if writable {
+                // The file and its write lease in one commit.
+                let (inode, lease) = self.data.namespace().create_leased_file(parent.0, name, mode & !umask, req.uid(), req.gid(), &self.holder).map_err(ns_err)?;
+                self.data.created_file(inode.ino);
+                (inode, Some(lease))
+            } else {
+                (self.data.namespace().create(parent.0, name, InodeKind::File, mode & !umask, req.uid(), req.gid(), None).map_err(ns_err)?, None)
+            };
+            // A new file has no capability: the kernel's look-up before its first write is answered here.
+            self.remember_without_capability(inode.ino);
+            let fh = self.open_handle_leased(inode.ino, flags, lease.map(|lease| (lease, &inode)))?;
             Ok((inode, fh))
         });
         match result {
@@ -603,16 +703,24 @@ impl fuser::Filesystem for SharedFs {
         }
     }
 
-    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], write_flags: WriteFlags, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
         let sync = match self.handles.lock().expect("handles").get(&fh.0) {
             Some(h) if h.writable && h.ino == ino.0 => h.sync_writes,
             _ => return reply.error(Errno::EBADF),
         };
         let file = self.open_file(ino.0);
         let mut state = file.lock().expect("open file");
-        let Some(lease) = state.lease else { return reply.error(Errno::EBADF) };
-        if state.fenced {
-            return reply.error(Errno::EIO);
+        let lease = match Self::lease_for_write(&state) {
+            Ok(lease) => lease,
+            Err(e) => return reply.error(e),
+        };
+        // FUSE_HANDLE_KILLPRIV_V2: the kernel leaves it to us to clear setuid and setgid
+        // when a process without CAP_FSETID writes.
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && mode_without_suidgid(state.mode) != state.mode {
+            match self.data.namespace().set_attributes(ino.0, &AttrChanges { kill_suidgid: true, ..AttrChanges::default() }) {
+                Ok(inode) => state.mode = inode.mode,
+                Err(e) => return reply.error(ns_err(e)),
+            }
         }
         if let Err(e) = self.data.write(&lease, state.copies, offset, data, sync) {
             if matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
@@ -673,11 +781,21 @@ impl fuser::Filesystem for SharedFs {
             if handle.writable {
                 state.writers = state.writers.saturating_sub(1);
                 if state.writers == 0 {
-                    result = self.commit_size(&mut state);
+                    if state.fenced {
+                        result = Err(Errno::EIO);
+                    }
                     if let Some(lease) = state.lease.take() {
                         if !state.fenced {
-                            if let Err(e) = self.data.namespace().release_lease(&lease) {
-                                tracing::warn!(ino = ino.0, "cannot release the write lease: {e}");
+                            // The size (if written since the flush) and the release in one commit.
+                            let size = state.size_dirty.then_some(state.size);
+                            match self.data.namespace().set_size_and_release(&lease, size) {
+                                Ok(()) => state.size_dirty = false,
+                                Err(e) => {
+                                    tracing::warn!(ino = ino.0, "cannot release the write lease: {e}");
+                                    if size.is_some() {
+                                        result = Err(ns_err(e));
+                                    }
+                                }
                             }
                         }
                         self.data.forget_file(ino.0);
@@ -688,7 +806,8 @@ impl fuser::Filesystem for SharedFs {
         }
         let last_close = file.lock().expect("open file").handles == 0;
         drop(file);
-        if last_close {
+        // Only this mount's unlinks leave orphans (another node's delete the file at once).
+        if last_close && self.maybe_orphans.lock().expect("orphans").remove(&ino.0) {
             match self.data.namespace().inode(ino.0) {
                 Ok(inode) if inode.nlink == 0 && inode.kind == InodeKind::File => match self.data.namespace().remove_orphan(ino.0) {
                     Ok(removed) => self.cleanup_removed(removed),
@@ -742,10 +861,10 @@ impl fuser::Filesystem for SharedFs {
         }
         let file = self.open_file(ino.0);
         let mut state = file.lock().expect("open file");
-        let Some(lease) = state.lease else { return reply.error(Errno::EBADF) };
-        if state.fenced {
-            return reply.error(Errno::EIO);
-        }
+        let lease = match Self::lease_for_write(&state) {
+            Ok(lease) => lease,
+            Err(e) => return reply.error(e),
+        };
         if punch || zero {
             if let Err(e) = self.data.punch_hole(&lease, offset, length) {
                 if matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
@@ -801,6 +920,7 @@ impl fuser::Filesystem for SharedFs {
             libc::XATTR_REPLACE => XattrMode::ReplaceOnly,
             _ => return reply.error(Errno::EINVAL),
         };
+        self.without_capability.lock().expect("xattr cache").remove(&ino.0);
         match name_str(name).and_then(|name| self.data.namespace().set_xattr(ino.0, name, value, mode).map_err(ns_err)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -808,7 +928,18 @@ impl fuser::Filesystem for SharedFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match name_str(name).and_then(|name| self.data.namespace().get_xattr(ino.0, name).map_err(ns_err)) {
+        let capability = name == CAPABILITY_XATTR;
+        if capability && self.without_capability.lock().expect("xattr cache").get(&ino.0).is_some_and(|at| at.elapsed() < ATTR_TTL) {
+            return reply.error(Errno::ENODATA);
+        }
+        let value = name_str(name).and_then(|name| match self.data.namespace().get_xattr(ino.0, name) {
+            Err(e @ NamespaceError::NoAttribute { .. }) if capability => {
+                self.remember_without_capability(ino.0);
+                Err(ns_err(e))
+            }
+            other => other.map_err(ns_err),
+        });
+        match value {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
             Ok(value) => reply.data(&value),
@@ -837,6 +968,7 @@ impl fuser::Filesystem for SharedFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.without_capability.lock().expect("xattr cache").remove(&ino.0);
         match name_str(name).and_then(|name| self.data.namespace().remove_xattr(ino.0, name).map_err(ns_err)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

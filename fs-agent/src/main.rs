@@ -89,8 +89,9 @@ enum Cmd {
         /// Chunk size for a new filesystem, in bytes (an existing one keeps its own).
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u64,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = 4)]
+        /// FUSE worker threads: each serves one request at a time, so this bounds the reads
+        /// and writes served in parallel.
+        #[arg(long, default_value_t = 16)]
         threads: usize,
         /// This node's name in write leases (default: the host name). A restarted mount with
         /// the same id gets its files' leases back.

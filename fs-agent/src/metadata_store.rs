@@ -42,7 +42,12 @@ pub trait MetadataStore: Send + Sync {
     /// Every key starting with `prefix`, in key order.
     fn list_prefix(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, MetadataError>;
     /// Applies all `mutations` atomically if every condition holds; returns whether it did.
-    fn commit(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<bool, MetadataError>;
+    fn commit(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<bool, MetadataError> {
+        Ok(self.commit_at(conditions, mutations)?.is_some())
+    }
+    /// [`MetadataStore::commit`], returning the revision of the commit (every key it put has
+    /// it as its revision), or `None` if a condition did not hold: saves reading a key back.
+    fn commit_at(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<Option<u64>, MetadataError>;
 }
 
 /// In-process store with the same semantics (one revision per commit).
@@ -67,7 +72,7 @@ impl MetadataStore for MemoryMetadata {
         Ok(state.1.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
-    fn commit(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<bool, MetadataError> {
+    fn commit_at(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<Option<u64>, MetadataError> {
         // The cluster store's limit, so unit tests catch a commit it would refuse.
         let count = conditions.len() + mutations.len();
         if count > cluster::state_machine::MAX_TXN_OPS {
@@ -76,7 +81,7 @@ impl MetadataStore for MemoryMetadata {
         let mut state = self.state.lock().expect("memory metadata");
         let holds = conditions.iter().all(|c| state.1.get(&c.key).map(|v| v.revision).unwrap_or(0) == c.revision);
         if !holds {
-            return Ok(false);
+            return Ok(None);
         }
         state.0 += 1;
         let revision = state.0;
@@ -90,7 +95,7 @@ impl MetadataStore for MemoryMetadata {
                 }
             }
         }
-        Ok(true)
+        Ok(Some(revision))
     }
 }
 
@@ -137,7 +142,7 @@ impl MetadataStore for ClusterMetadata {
         Ok(kvs.into_iter().map(|kv| (kv.key, Versioned { value: kv.value, revision: kv.mod_revision })).collect())
     }
 
-    fn commit(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<bool, MetadataError> {
+    fn commit_at(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<Option<u64>, MetadataError> {
         let txn = cluster::Txn {
             compare: conditions.iter().map(|c| cluster::Compare::ModRevision { key: c.key.clone(), equals: c.revision }).collect(),
             success: mutations
@@ -150,7 +155,8 @@ impl MetadataStore for ClusterMetadata {
             failure: vec![],
         };
         let result = self.runtime.block_on(self.client.txn(txn)).map_err(map_error)?;
-        Ok(result.succeeded)
+        // One revision per transaction: the mod revision of every key it put.
+        Ok(result.succeeded.then_some(result.revision))
     }
 }
 

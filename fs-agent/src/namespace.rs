@@ -291,6 +291,9 @@ pub struct AttrChanges {
     pub gid: Option<u32>,
     pub atime: Option<Timestamp>,
     pub mtime: Option<Timestamp>,
+    /// Clear the setuid bit, and the setgid bit if group-executable, of a non-directory (a
+    /// chown, or a write or truncate by an unprivileged process), unless `mode` sets the mode.
+    pub kill_suidgid: bool,
 }
 
 pub fn inode_key(ino: u64) -> String {
@@ -349,6 +352,17 @@ pub struct FsConfig {
     pub chunk_size: u64,
 }
 pub const SERVERS_PREFIX: &str = "/fs/servers/";
+
+/// `mode` as a chown, or a write by an unprivileged process, leaves it: without the setuid
+/// bit, and without the setgid bit if the group may execute (otherwise it marks mandatory
+/// locking, and stays).
+pub fn mode_without_suidgid(mode: u32) -> u32 {
+    let mut mode = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode &= !libc::S_ISGID;
+    }
+    mode
+}
 
 /// Checks a directory entry name: bad input gets a clear error before anything changes.
 pub fn validate_name(name: &str) -> Result<(), NamespaceError> {
@@ -431,7 +445,7 @@ impl Namespace {
     /// Creates the root directory if this is a new filesystem; returns the filesystem's
     /// settings (those of its creation if it existed).
     pub fn init(&self, default_replicas: u32, config: FsConfig) -> Result<FsConfig, NamespaceError> {
-        if config.chunk_size == 0 || config.chunk_size % crate::chunk_store::BLOCK_SIZE != 0 {
+        if config.chunk_size == 0 || !config.chunk_size.is_multiple_of(crate::chunk_store::BLOCK_SIZE) {
             return Err(NamespaceError::Invalid(format!("chunk size {} must be a positive multiple of {}", config.chunk_size, crate::chunk_store::BLOCK_SIZE)));
         }
         let now = Timestamp::now();
@@ -489,8 +503,11 @@ impl Namespace {
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Inode, NamespaceError> {
         validate_name(name)?;
-        self.directory(parent)?;
-        let (entry, _) = self.entry(parent, name)?.ok_or_else(|| NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") })?;
+        // Only directories hold entries: the parent is looked at only when there is none.
+        let Some((entry, _)) = self.entry(parent, name)? else {
+            self.directory(parent)?;
+            return Err(NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") });
+        };
         self.inode(entry.ino)
     }
 
@@ -514,15 +531,37 @@ impl Namespace {
     /// Creates a file, directory or symlink `name` in `parent`.
     #[allow(clippy::too_many_arguments)]
     pub fn create(&self, parent: u64, name: &str, kind: InodeKind, mode: u32, uid: u32, gid: u32, symlink_target: Option<String>) -> Result<Inode, NamespaceError> {
+        Ok(self.create_inode(parent, name, kind, mode, uid, gid, symlink_target, None)?.0)
+    }
+
+    /// Creates the file `name` in `parent` with its write lease held by `holder` (epoch 1), in
+    /// one commit: what an open with O_CREAT for writing needs. Nothing can have been written
+    /// under an older epoch, so no fence is needed.
+    pub fn create_leased_file(&self, parent: u64, name: &str, mode: u32, uid: u32, gid: u32, holder: &str) -> Result<(Inode, HeldLease), NamespaceError> {
+        let (inode, lease) = self.create_inode(parent, name, InodeKind::File, mode, uid, gid, None, Some(holder))?;
+        let lease = lease.ok_or(NamespaceError::Fenced { ino: inode.ino, epoch: 1 })?;
+        Ok((inode, lease))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_inode(
+        &self,
+        parent: u64,
+        name: &str,
+        kind: InodeKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        symlink_target: Option<String>,
+        lease_holder: Option<&str>,
+    ) -> Result<(Inode, Option<HeldLease>), NamespaceError> {
         validate_name(name)?;
         if kind == InodeKind::Symlink && symlink_target.as_deref().is_none_or(|t| t.is_empty() || t.len() > 4095) {
             return Err(NamespaceError::Invalid("a symlink target must be 1 to 4095 bytes".into()));
         }
         retry(name, || {
             let (mut dir, dir_rev) = self.directory(parent)?;
-            if self.entry(parent, name)?.is_some() {
-                return Err(NamespaceError::Exists { parent, name: name.to_string() });
-            }
+            // The name must be free: the commit is conditioned on it, and looks only if it fails.
             let (ino, next_rev) = self.next_ino()?;
             let now = Timestamp::now();
             let inode = Inode {
@@ -545,16 +584,27 @@ impl Namespace {
             if kind == InodeKind::Directory {
                 dir.nlink += 1;
             }
-            let committed = self.store.commit(
-                &[cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0), cond(NEXT_INO_KEY.into(), next_rev)],
-                &[
-                    Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
-                    put(inode_key(ino), &inode),
-                    put(dirent_key(parent, name), &DirEntry { ino, kind }),
-                    put(inode_key(parent), &dir),
-                ],
-            )?;
-            Ok(committed.then_some(inode.clone()))
+            let mut conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0), cond(NEXT_INO_KEY.into(), next_rev)];
+            let mut mutations = vec![
+                Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
+                put(inode_key(ino), &inode),
+                put(dirent_key(parent, name), &DirEntry { ino, kind }),
+                put(inode_key(parent), &dir),
+            ];
+            let lease = lease_holder.map(|holder| WriteLease { holder: Some(holder.to_string()), epoch: 1 });
+            if let Some(lease) = &lease {
+                conditions.push(cond(lease_key(ino), 0));
+                mutations.push(put(lease_key(ino), lease));
+            }
+            let Some(revision) = self.store.commit_at(&conditions, &mutations)? else {
+                if self.entry(parent, name)?.is_some() {
+                    return Err(NamespaceError::Exists { parent, name: name.to_string() });
+                }
+                return Ok(None);
+            };
+            // The lease's revision (the commit's) guards this writer's later changes.
+            let held = lease.map(|lease| HeldLease { ino, epoch: lease.epoch, revision });
+            Ok(Some((inode.clone(), held)))
         })
     }
 
@@ -879,6 +929,9 @@ impl Namespace {
     pub fn set_attributes(&self, ino: u64, changes: &AttrChanges) -> Result<Inode, NamespaceError> {
         retry(&format!("inode {ino}"), || {
             let (mut inode, rev) = self.inode_with_revision(ino)?;
+            if changes.kill_suidgid && changes.mode.is_none() && inode.kind != InodeKind::Directory {
+                inode.mode = mode_without_suidgid(inode.mode);
+            }
             if let Some(mode) = changes.mode {
                 inode.mode = mode & 0o7777;
             }
@@ -930,6 +983,29 @@ impl Namespace {
         })
     }
 
+    /// Sets the file's size (if `size`) and gives the lease up, in one commit, only while
+    /// `lease` is still this writer's: the last close of a writer.
+    pub fn set_size_and_release(&self, lease: &HeldLease, size: Option<u64>) -> Result<(), NamespaceError> {
+        let Some(size) = size else { return self.release_lease(lease) };
+        let ino = lease.ino;
+        let released = WriteLease { holder: None, epoch: lease.epoch };
+        retry(&format!("inode {ino}"), || {
+            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            inode.size = size;
+            let now = Timestamp::now();
+            inode.mtime = now;
+            inode.ctime = now;
+            let committed = self.store.commit(
+                &[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)],
+                &[put(inode_key(ino), &inode), put(lease_key(ino), &released)],
+            )?;
+            if !committed {
+                self.check_lease(lease)?;
+            }
+            Ok(committed.then_some(()))
+        })
+    }
+
     /// Errors with `Fenced` if `lease` is no longer this writer's.
     pub fn check_lease(&self, lease: &HeldLease) -> Result<(), NamespaceError> {
         match self.store.get(&lease_key(lease.ino))? {
@@ -954,13 +1030,8 @@ impl Namespace {
                 _ => {}
             }
             let new = WriteLease { holder: Some(holder.to_string()), epoch: lease.epoch + 1 };
-            if !self.store.commit(&[cond(lease_key(ino), rev), cond(inode_key(ino), self.inode_with_revision(ino)?.1)], &[put(lease_key(ino), &new)])? {
-                return Ok(None);
-            }
-            match self.read::<WriteLease>(&lease_key(ino))? {
-                Some((now, now_rev)) if now == new => Ok(Some(HeldLease { ino, epoch: new.epoch, revision: now_rev })),
-                _ => Err(NamespaceError::Fenced { ino, epoch: new.epoch }),
-            }
+            let committed = self.store.commit_at(&[cond(lease_key(ino), rev), cond(inode_key(ino), self.inode_with_revision(ino)?.1)], &[put(lease_key(ino), &new)])?;
+            Ok(committed.map(|revision| HeldLease { ino, epoch: new.epoch, revision }))
         })
     }
 
@@ -991,12 +1062,11 @@ impl Namespace {
     /// `expected_revision` (0: absent). Returns the new record revision, or `None` on a conflict.
     pub fn put_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, NamespaceError> {
         let key = chunk_key(lease.ino, index);
-        let committed = self.store.commit(&[cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)], &[put(key.clone(), chunk)])?;
-        if !committed {
+        let committed = self.store.commit_at(&[cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)], &[put(key, chunk)])?;
+        if committed.is_none() {
             self.check_lease(lease)?;
-            return Ok(None);
         }
-        Ok(self.store.get(&key)?.map(|v| v.revision))
+        Ok(committed)
     }
 
     /// Drops the chunk records of the leased file from index `from` on (truncate), the last
@@ -1244,13 +1314,13 @@ impl Namespace {
         }
         sharing.drop_reference(shared_id, ChunkOwner { ino: lease.ino, index })?;
         let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)];
-        let mut mutations = vec![put(key.clone(), copy)];
+        let mut mutations = vec![put(key, copy)];
         sharing.finish(&mut conditions, &mut mutations);
-        if !self.store.commit(&conditions, &mutations)? {
+        let committed = self.store.commit_at(&conditions, &mutations)?;
+        if committed.is_none() {
             self.check_lease(lease)?;
-            return Ok(None);
         }
-        Ok(self.store.get(&key)?.map(|v| v.revision))
+        Ok(committed)
     }
 
     /// [`Namespace::put_chunk`] for a change of the chunk's replicas or version (healing, stale
@@ -1262,7 +1332,7 @@ impl Namespace {
         };
         let key = chunk_key(lease.ino, index);
         let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision), cond(shared_key(chunk.chunk_id), shared_rev)];
-        let mut mutations = vec![put(key.clone(), chunk)];
+        let mut mutations = vec![put(key, chunk)];
         for owner in shared.owners.iter().filter(|o| **o != ChunkOwner { ino: lease.ino, index }) {
             match self.chunk(owner.ino, owner.index)? {
                 Some((theirs, rev)) if theirs.chunk_id == chunk.chunk_id => {
@@ -1272,11 +1342,11 @@ impl Namespace {
                 _ => return Ok(None), // changed meanwhile
             }
         }
-        if !self.store.commit(&conditions, &mutations)? {
+        let committed = self.store.commit_at(&conditions, &mutations)?;
+        if committed.is_none() {
             self.check_lease(lease)?;
-            return Ok(None);
         }
-        Ok(self.store.get(&key)?.map(|v| v.revision))
+        Ok(committed)
     }
 
     fn check_xattr_name(name: &str) -> Result<(), NamespaceError> {
@@ -1514,6 +1584,40 @@ mod tests {
         ns.set_size(&second, 10, None).unwrap();
         ns.release_lease(&second).unwrap();
         assert_eq!(ns.acquire_lease(f.ino, "node-a", false).unwrap().epoch, 3);
+    }
+
+    #[test]
+    fn a_file_created_leased_is_written_and_released_in_one_commit_each() {
+        let ns = ns();
+        let (f, lease) = ns.create_leased_file(ROOT_INO, "f", 0o644, 0, 0, "node-a").unwrap();
+        assert_eq!(lease.epoch, 1);
+        assert_eq!(ns.lookup(ROOT_INO, "f").unwrap().ino, f.ino);
+        assert_eq!(ns.acquire_lease(f.ino, "node-b", false).unwrap_err().errno(), libc::EBUSY);
+        assert_eq!(ns.acquire_lease(f.ino, "node-a", false).unwrap(), lease, "the holder gets it back as is");
+        ns.put_chunk(&lease, 0, &ChunkInfo { chunk_id: 1, version: 1, replicas: vec![] }, 0).unwrap().unwrap();
+        ns.set_size_and_release(&lease, Some(4096)).unwrap();
+        assert_eq!(ns.inode(f.ino).unwrap().size, 4096);
+        let next = ns.acquire_lease(f.ino, "node-b", false).unwrap();
+        assert_eq!(next.epoch, 2);
+        // The released lease guards nothing any more.
+        assert!(matches!(ns.set_size_and_release(&lease, Some(1)), Err(NamespaceError::Fenced { .. })));
+        assert_eq!(ns.inode(f.ino).unwrap().size, 4096);
+        assert!(ns.create_leased_file(ROOT_INO, "f", 0o644, 0, 0, "node-a").is_err());
+    }
+
+    #[test]
+    fn setuid_and_setgid_go_at_a_chown() {
+        assert_eq!(mode_without_suidgid(0o6755), 0o0755);
+        assert_eq!(mode_without_suidgid(0o2644), 0o2644, "setgid without group execute stays");
+        assert_eq!(mode_without_suidgid(0o4644), 0o0644);
+        let ns = ns();
+        let f = ns.create(ROOT_INO, "f", InodeKind::File, 0o6755, 0, 0, None).unwrap();
+        let chown = AttrChanges { uid: Some(7), kill_suidgid: true, ..AttrChanges::default() };
+        assert_eq!(ns.set_attributes(f.ino, &chown).unwrap().mode, 0o755);
+        let chown_and_chmod = AttrChanges { uid: Some(8), mode: Some(0o4755), kill_suidgid: true, ..AttrChanges::default() };
+        assert_eq!(ns.set_attributes(f.ino, &chown_and_chmod).unwrap().mode, 0o4755, "an explicit mode wins");
+        let d = ns.create(ROOT_INO, "d", InodeKind::Directory, 0o2755, 0, 0, None).unwrap();
+        assert_eq!(ns.set_attributes(d.ino, &chown).unwrap().mode, 0o2755, "directories keep theirs");
     }
 
     fn chunk(chunk_id: u64) -> ChunkInfo {
