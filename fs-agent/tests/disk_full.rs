@@ -47,6 +47,8 @@ fn a_full_server_is_avoided_and_nothing_is_lost() {
     let err = fs::write(mnt.join("g"), &big).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     assert_eq!(fs::read(other.join("f")).unwrap(), data, "the earlier file is intact");
-    drop(fs);
+    // The tmpfs goes first (lazily, while its server still runs), so that
+    // the test's temporary directory can then be removed with everything in it.
     drop(small);
+    drop(fs);
 }
