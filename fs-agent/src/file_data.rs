@@ -363,6 +363,19 @@ impl FileData {
         self.new_files.lock().expect("new files").insert(ino);
     }
 
+    /// After a request to every current replica of chunk `index`: done (`Ok(true)`) when all
+    /// answered; an error when fewer than `min_copies` did; otherwise the failed replicas are
+    /// dropped as [`Self::drop_failed_replicas`] does (`Ok(false)`: the record changed, retry).
+    fn settle_replicas(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, revision: u64, fanout: &Fanout) -> Result<bool, DataError> {
+        if fanout.failures.is_empty() {
+            return Ok(true);
+        }
+        if fanout.succeeded.len() < self.min_copies {
+            return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
+        }
+        self.drop_failed_replicas(lease, index, chunk, revision, fanout)
+    }
+
     /// After a request reached only `fanout.succeeded` of the current replicas: record the
     /// others as stale (new chunk version), then move the survivors to that version.
     /// Returns `Ok(false)` if the chunk record changed meanwhile (the caller retries).
@@ -642,13 +655,7 @@ impl FileData {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let Some((chunk, revision)) = self.cached_or_stored(lease, index)? else { break };
             let fanout = self.fanout(&chunk.current_servers(), &ChunkRequest::Sync { chunk_id: chunk.chunk_id });
-            if fanout.failures.is_empty() {
-                break;
-            }
-            if fanout.succeeded.len() < self.min_copies {
-                return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
-            }
-            if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
+            if self.settle_replicas(lease, index, &chunk, revision, &fanout)? {
                 break;
             }
         }
@@ -681,13 +688,7 @@ impl FileData {
                 if let Some(server) = fanout.fenced_by() {
                     return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
                 }
-                if fanout.failures.is_empty() {
-                    break;
-                }
-                if fanout.succeeded.len() < self.min_copies {
-                    return Err(DataError::TooFewCopies { ino: lease.ino, index, reached: fanout.succeeded.len(), min_copies: self.min_copies, failures: fanout.describe_failures() });
-                }
-                if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
+                if self.settle_replicas(lease, index, &chunk, revision, &fanout)? {
                     break;
                 }
             }
