@@ -528,18 +528,8 @@ impl ChunkStore {
     #[allow(clippy::too_many_arguments)]
     pub fn punch_hole(&self, file_id: u64, epoch: u64, chunk_id: u64, version: u64, offset: u64, len: u64) -> Result<(), ChunkStoreError> {
         self.check_range(chunk_id, offset, len)?;
-        self.check_epoch(file_id, epoch)?;
-        let lock = self.lock_chunk(chunk_id);
-        let _guard = lock.lock().expect("chunk lock");
-        let local = self.version(chunk_id)?;
-        if version < local {
-            return Err(ChunkStoreError::VersionMismatch { chunk_id, local, expected: version });
-        }
-        let data_path = self.path(chunk_id, "data");
-        let crc_path = self.path(chunk_id, "crc");
-        if let Ok(data_file) = OpenOptions::new().read(true).write(true).open(&data_path) {
-            let crc_file = OpenOptions::new().read(true).write(true).open(&crc_path).map_err(io_at(&crc_path))?;
-            let file_len = data_file.metadata().map_err(io_at(&data_path))?.len();
+        self.change_existing(file_id, epoch, chunk_id, version, |data_file, crc_file, file_len| {
+            let (data_path, crc_path) = (self.path(chunk_id, "data"), self.path(chunk_id, "crc"));
             // Past the end everything reads as zeros already.
             let end = (offset + len).min(file_len);
             if end > offset {
@@ -547,7 +537,7 @@ impl ChunkStore {
                 for block in first..=last {
                     let block_start = block * BLOCK_SIZE;
                     let block_end = (block_start + BLOCK_SIZE).min(file_len);
-                    let mut buf = self.read_block(chunk_id, &data_file, &crc_file, block, file_len)?;
+                    let mut buf = self.read_block(chunk_id, data_file, crc_file, block, file_len)?;
                     let (from, to) = (offset.max(block_start), end.min(block_end));
                     buf[(from - block_start) as usize..(to - block_start) as usize].fill(0);
                     if from == block_start && to == block_end {
@@ -561,16 +551,43 @@ impl ChunkStore {
                     crc_file.write_all_at(&block_crc(&buf).to_le_bytes(), block * 4).map_err(io_at(&crc_path))?;
                 }
             }
-        }
-        if version > local {
-            self.set_version_durably(chunk_id, version)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Cuts the chunk to `len` bytes (the tail reads as zeros afterwards).
     pub fn truncate(&self, file_id: u64, epoch: u64, chunk_id: u64, version: u64, len: u64) -> Result<(), ChunkStoreError> {
         self.check_range(chunk_id, len, 0)?;
+        self.change_existing(file_id, epoch, chunk_id, version, |data_file, crc_file, file_len| {
+            let (data_path, crc_path) = (self.path(chunk_id, "data"), self.path(chunk_id, "crc"));
+            if len < file_len {
+                let last_block = len / BLOCK_SIZE;
+                let mut buf = self.read_block(chunk_id, data_file, crc_file, last_block, file_len)?;
+                buf.truncate((len - last_block * BLOCK_SIZE) as usize);
+                data_file.set_len(len).map_err(io_at(&data_path))?;
+                crc_file.set_len(len.div_ceil(BLOCK_SIZE) * 4).map_err(io_at(&crc_path))?;
+                if !buf.is_empty() {
+                    crc_file.write_all_at(&block_crc(&buf).to_le_bytes(), last_block * 4).map_err(io_at(&crc_path))?;
+                }
+                data_file.sync_data().map_err(io_at(&data_path))?;
+                crc_file.sync_data().map_err(io_at(&crc_path))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The frame of a change to a replica's existing bytes (punch, truncate): the writer's
+    /// epoch is checked, the chunk locked, an older version refused. `change` gets the data
+    /// and crc files and the data length, if the replica has data; a newer version is then
+    /// recorded durably.
+    fn change_existing(
+        &self,
+        file_id: u64,
+        epoch: u64,
+        chunk_id: u64,
+        version: u64,
+        change: impl FnOnce(&File, &File, u64) -> Result<(), ChunkStoreError>,
+    ) -> Result<(), ChunkStoreError> {
         self.check_epoch(file_id, epoch)?;
         let lock = self.lock_chunk(chunk_id);
         let _guard = lock.lock().expect("chunk lock");
@@ -583,18 +600,7 @@ impl ChunkStore {
         if let Ok(data_file) = OpenOptions::new().read(true).write(true).open(&data_path) {
             let crc_file = OpenOptions::new().read(true).write(true).open(&crc_path).map_err(io_at(&crc_path))?;
             let file_len = data_file.metadata().map_err(io_at(&data_path))?.len();
-            if len < file_len {
-                let last_block = len / BLOCK_SIZE;
-                let mut buf = self.read_block(chunk_id, &data_file, &crc_file, last_block, file_len)?;
-                buf.truncate((len - last_block * BLOCK_SIZE) as usize);
-                data_file.set_len(len).map_err(io_at(&data_path))?;
-                crc_file.set_len(len.div_ceil(BLOCK_SIZE) * 4).map_err(io_at(&crc_path))?;
-                if !buf.is_empty() {
-                    crc_file.write_all_at(&block_crc(&buf).to_le_bytes(), last_block * 4).map_err(io_at(&crc_path))?;
-                }
-                data_file.sync_data().map_err(io_at(&data_path))?;
-                crc_file.sync_data().map_err(io_at(&crc_path))?;
-            }
+            change(&data_file, &crc_file, file_len)?;
         }
         if version > local {
             self.set_version_durably(chunk_id, version)?;
