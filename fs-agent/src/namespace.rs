@@ -364,6 +364,15 @@ pub fn mode_without_suidgid(mode: u32) -> u32 {
     mode
 }
 
+/// ENOTDIR when a directory was expected and `name` is none, EISDIR the other way round.
+fn expect_kind(directory_expected: bool, is_dir: bool, name: &str) -> Result<(), NamespaceError> {
+    match (directory_expected, is_dir) {
+        (true, false) => Err(NamespaceError::NotDirectory { what: name.to_string() }),
+        (false, true) => Err(NamespaceError::IsDirectory { what: name.to_string() }),
+        _ => Ok(()),
+    }
+}
+
 /// Checks a directory entry name: bad input gets a clear error before anything changes.
 pub fn validate_name(name: &str) -> Result<(), NamespaceError> {
     if name.len() > NAME_MAX {
@@ -778,12 +787,7 @@ impl Namespace {
             let (entry, entry_rev) = self.entry(parent, name)?.ok_or_else(|| NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") })?;
             let (inode, inode_rev) = self.inode_with_revision(entry.ino)?;
             let is_dir = inode.kind == InodeKind::Directory;
-            if directory && !is_dir {
-                return Err(NamespaceError::NotDirectory { what: name.to_string() });
-            }
-            if !directory && is_dir {
-                return Err(NamespaceError::IsDirectory { what: name.to_string() });
-            }
+            expect_kind(directory, is_dir, name)?;
             let mut conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), entry_rev), cond(inode_key(inode.ino), inode_rev)];
             if is_dir {
                 let children = self.store.list_prefix(&dirent_prefix(inode.ino))?;
@@ -851,12 +855,7 @@ impl Namespace {
                 }
                 let (target_inode, target_rev) = self.inode_with_revision(target_entry.ino)?;
                 let target_is_dir = target_inode.kind == InodeKind::Directory;
-                if moving_dir && !target_is_dir {
-                    return Err(NamespaceError::NotDirectory { what: newname.to_string() });
-                }
-                if !moving_dir && target_is_dir {
-                    return Err(NamespaceError::IsDirectory { what: newname.to_string() });
-                }
+                expect_kind(moving_dir, target_is_dir, newname)?;
                 if target_is_dir {
                     if !self.store.list_prefix(&dirent_prefix(target_inode.ino))?.is_empty() {
                         return Err(NamespaceError::NotEmpty { what: newname.to_string() });
