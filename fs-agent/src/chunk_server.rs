@@ -24,16 +24,18 @@ fn failure(error: ChunkStoreError) -> ChunkFailure {
         ChunkStoreError::Corrupt { block, .. } => ChunkFailure::Corrupt { block, message: text },
         ChunkStoreError::StaleEpoch { .. } => ChunkFailure::StaleEpoch(text),
         ChunkStoreError::VersionMismatch { .. } => ChunkFailure::VersionMismatch(text),
-        ChunkStoreError::OutOfRange { .. } | ChunkStoreError::CopyOntoItself { .. } => ChunkFailure::BadRequest(text),
+        ChunkStoreError::OutOfRange { .. } | ChunkStoreError::CopyOntoItself { .. } | ChunkStoreError::ChunkSizeTooLarge { .. } => ChunkFailure::BadRequest(text),
         ChunkStoreError::Io { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ChunkFailure::NoSpace(text),
         ChunkStoreError::Io { .. } => ChunkFailure::Io(text),
     }
 }
 
-pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
-    let result = match request {
-        ChunkRequest::Write { file_id, epoch, chunk_id, version, offset, data, sync } => {
-            store.write(file_id, epoch, chunk_id, version, offset, &data, sync).map(|()| ChunkResponse::Done)
+/// Serves one request from `store`: over a connection, or called directly by a mount running
+/// this chunk server in its own process.
+pub fn handle(store: &ChunkStore, request: &ChunkRequest) -> ChunkResponse {
+    let result = match *request {
+        ChunkRequest::Write { file_id, epoch, chunk_id, version, offset, ref data, sync } => {
+            store.write(file_id, epoch, chunk_id, version, offset, data, sync).map(|()| ChunkResponse::Done)
         }
         ChunkRequest::Read { chunk_id, version, offset, len } => store.read(chunk_id, version, offset, len).map(ChunkResponse::Data),
         ChunkRequest::Truncate { file_id, epoch, chunk_id, version, len } => {
@@ -43,10 +45,10 @@ pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
             store.punch_hole(file_id, epoch, chunk_id, version, offset, len).map(|()| ChunkResponse::Done)
         }
         ChunkRequest::Sync { chunk_id } => store.sync(chunk_id).map(|()| ChunkResponse::Done),
-        ChunkRequest::SyncChunks { chunk_ids } => store.sync_chunks(&chunk_ids).map(|()| ChunkResponse::Done),
+        ChunkRequest::SyncChunks { ref chunk_ids } => store.sync_chunks(chunk_ids).map(|()| ChunkResponse::Done),
         ChunkRequest::Fence { file_id, epoch } => store.check_epoch(file_id, epoch).map(|()| ChunkResponse::Done),
         ChunkRequest::Delete { chunk_id } => store.delete(chunk_id).map(|()| ChunkResponse::Done),
-        ChunkRequest::RepairBlock { chunk_id, version, block, data } => store.repair_block(chunk_id, version, block, &data).map(ChunkResponse::Repaired),
+        ChunkRequest::RepairBlock { chunk_id, version, block, ref data } => store.repair_block(chunk_id, version, block, data).map(ChunkResponse::Repaired),
         ChunkRequest::Version { chunk_id } => store.replica_version(chunk_id).map(ChunkResponse::Version),
         ChunkRequest::Digest { chunk_id, version } => store.content_digest(chunk_id, version).map(|(digest, len)| ChunkResponse::Digest { digest, len }),
         ChunkRequest::ScrubReport => Ok(ChunkResponse::Scrub(store.scrub_report())),
@@ -58,6 +60,26 @@ pub fn handle(store: &ChunkStore, request: ChunkRequest) -> ChunkResponse {
     result.unwrap_or_else(|e| {
         tracing::warn!("request refused: {e}");
         ChunkResponse::Failed(failure(e))
+    })
+}
+
+thread_local! {
+    /// The blocks of the last direct read of this thread (see [`read_local`]).
+    static LOCAL_READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A `Read` of `out.len()` bytes at `offset` served from `store` in this process, into `out`:
+/// what a mount running the chunk server itself does for its local replica.
+pub fn read_local(store: &ChunkStore, chunk_id: u64, version: u64, offset: u64, out: &mut [u8]) -> Result<(), ChunkFailure> {
+    LOCAL_READ_BUFFER.with_borrow_mut(|buffer| {
+        let result = store.read_to(chunk_id, version, offset, out, buffer);
+        if buffer.len() > READ_BUFFER_KEPT_BYTES {
+            *buffer = Vec::new();
+        }
+        result.map_err(|e| {
+            tracing::warn!("local read refused: {e}");
+            failure(e)
+        })
     })
 }
 
@@ -92,7 +114,7 @@ fn serve_connection(store: &ChunkStore, stream: TcpStream, tls: Option<&Arc<rust
         };
         let sent = match request {
             ChunkRequest::Read { chunk_id, version, offset, len } => serve_read(store, &mut stream, &mut read_buffer, chunk_id, version, offset, len),
-            request => write_frame(&mut stream, &handle(store, request)),
+            request => write_frame(&mut stream, &handle(store, &request)),
         };
         if sent.is_err() {
             return;
@@ -119,11 +141,15 @@ fn serve_read(store: &ChunkStore, stream: &mut chunk_transport::Stream, buffer: 
     sent
 }
 
-/// Opens the store in `data_dir` and serves on `listener` until the process ends, to TLS clients
-/// only with `tls` (mutual TLS), to plain TCP clients only without; scrubs every replica every
-/// `scrub_interval` (never if `None`).
-pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_interval: Option<Duration>, tls: Option<Arc<rustls::ServerConfig>>) -> Result<(), ChunkServerError> {
-    let store = Arc::new(ChunkStore::open(data_dir, chunk_size)?);
+/// Opens the store in `data_dir` (chunks up to `chunk_size` bytes).
+pub fn open_store(data_dir: &Path, chunk_size: u64) -> Result<Arc<ChunkStore>, ChunkServerError> {
+    Ok(Arc::new(ChunkStore::open(data_dir, chunk_size)?))
+}
+
+/// Serves `store` on `listener` until the process ends, to TLS clients only with `tls` (mutual
+/// TLS), to plain TCP clients only without; scrubs every replica every `scrub_interval` (never
+/// if `None`).
+pub fn serve(listener: TcpListener, store: Arc<ChunkStore>, scrub_interval: Option<Duration>, tls: Option<Arc<rustls::ServerConfig>>) {
     if let Some(interval) = scrub_interval {
         let store = store.clone();
         std::thread::spawn(move || loop {
@@ -133,7 +159,7 @@ pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_inte
             }
         });
     }
-    tracing::info!(addr = ?listener.local_addr().ok(), data = %data_dir.display(), tls = tls.is_some(), "chunk server ready");
+    tracing::info!(addr = ?listener.local_addr().ok(), data = %store.root().display(), tls = tls.is_some(), "chunk server ready");
     if tls.is_none() {
         tracing::warn!("serving plain TCP: anyone on the storage network can read and write replicas; production needs --tls-dir");
     }
@@ -143,7 +169,6 @@ pub fn serve(listener: TcpListener, data_dir: &Path, chunk_size: u64, scrub_inte
         let tls = tls.clone();
         std::thread::spawn(move || serve_connection(&store, stream, tls.as_ref()));
     }
-    Ok(())
 }
 
 pub fn bind(addr: &str) -> Result<TcpListener, ChunkServerError> {

@@ -1,9 +1,14 @@
 //! Chunks as local files on a chunk server, with a crc32c per block verified on every read.
 //!
 //! Layout under the data directory:
-//! - `chunks/<chunk_id>.data`: the chunk's bytes (sparse; bytes past the end read as zeros);
-//! - `chunks/<chunk_id>.crc`: one little-endian u32 crc32c per [`BLOCK_SIZE`] block of data,
-//!   computed over the block padded with zeros to the full block size;
+//! - `chunks/<chunk_id>.data`: a crc area of [`CRC_AREA`] bytes, then the chunk's bytes (chunk
+//!   byte X at file offset `CRC_AREA + X`, see [`ChunkStore::disk_offset`]). The crc area holds
+//!   one little-endian u32 crc32c per [`BLOCK_SIZE`] block of data (block i at byte `4 * i`),
+//!   computed over the block padded with zeros to the full block size; entries past the data
+//!   are meaningless. The data length is the file length minus the crc area (a file no longer
+//!   than the crc area holds no data). The file is sparse: bytes past the end read as zeros,
+//!   and a punched block is deallocated. Since a chunk's bytes and crcs share one file, one
+//!   fdatasync of it makes both durable together;
 //! - `chunks/<chunk_id>.version`: the chunk version (decimal), the newest this replica holds;
 //! - `epochs/<file_id>`: the newest write-lease epoch seen for that file (fencing).
 //!
@@ -17,8 +22,20 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LockResult, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
+/// A read of at least this many bytes makes the kernel read ahead [`PREFETCH_READS`] times as
+/// much after it (see [`ChunkStore::read_blocks_verified`]).
+const PREFETCH_AFTER_READS_OF: u64 = 256 * 1024;
+const PREFETCH_READS: u64 = 2;
+
 /// Size of a checksummed block.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
+
+/// Bytes at the start of every data file holding its block crcs (4 bytes per block); the
+/// chunk's bytes follow.
+pub const CRC_AREA: u64 = 64 * 1024;
+
+/// The largest chunk the crc area covers: 16384 blocks, 1 GiB.
+pub const MAX_CHUNK_SIZE: u64 = CRC_AREA / 4 * BLOCK_SIZE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkStoreError {
@@ -32,6 +49,8 @@ pub enum ChunkStoreError {
     OutOfRange { chunk_id: u64, offset: u64, len: u64, chunk_size: u64 },
     #[error("chunk {chunk_id:016x}: cannot copy a chunk onto itself")]
     CopyOntoItself { chunk_id: u64 },
+    #[error("chunk size {chunk_size} exceeds {max}, the largest a chunk store supports (the crcs of its blocks must fit the {CRC_AREA} bytes at the start of each data file)")]
+    ChunkSizeTooLarge { chunk_size: u64, max: u64 },
     #[error("chunk store {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -88,7 +107,7 @@ pub struct ChunkStore {
     persisting: Mutex<()>,
 }
 
-/// Replicas whose files writes keep open at most (two descriptors each).
+/// Replicas whose data files writes keep open at most.
 const REPLICAS_KEPT_OPEN_FOR_WRITES: usize = 128;
 
 /// The write path's state, kept apart from the reads' [`ChunkLock`] cache.
@@ -121,19 +140,19 @@ struct WriteSide {
     epoch_writers: HashMap<u64, u64>,
 }
 
+/// The replica's data file (bytes and crcs), kept open between writes.
 struct WriteFiles {
     data: File,
-    crc: File,
 }
 
-/// Replicas whose crc files reads keep open at most.
+/// Replicas whose version and data length reads keep at most.
 const REPLICAS_KEPT_OPEN_FOR_READS: usize = 128;
 
 /// The lock of one chunk, and what reads keep of its replica between requests (version, data
-/// length, open crc file).
+/// length).
 ///
 /// Reads share the lock; every other request takes it exclusively (`lock`). Taking it
-/// exclusively forgets what reads kept (crc file, version, length), since that request may
+/// exclusively forgets what reads kept (version, length), since that request may
 /// change any of it: a read therefore never uses a version or a length older than the last
 /// change. This read-side cache is kept apart from the write path's ([`WriteSide`]) on
 /// purpose, so each could change alone; merging them would need this invalidation kept.
@@ -158,23 +177,25 @@ impl ChunkLock {
 }
 
 /// A replica as reads see it, valid until the next exclusive holder of its [`ChunkLock`].
+///
+/// No file is kept: the data file is opened again by every read. The kernel keeps its
+/// readahead state per open file, and concurrent reads of one chunk through one open file
+/// confuse it (measured: sequential reads of a chunk at half the speed). Each read on a file of
+/// its own, the kernel recognizes the sequential stream from the pages in the cache and reads
+/// ahead.
 struct ReplicaForReads {
     version: u64,
-    /// `None`: no data file, every byte reads as zeros.
-    files: Option<ReplicaFiles>,
-}
-
-/// The data file is opened again by every read: the kernel keeps its readahead state per
-/// open file, and concurrent reads of one chunk through one open file confuse it (measured:
-/// sequential reads of a chunk at half the speed). Each read on a file of its own, the kernel
-/// recognizes the sequential stream from the pages in the cache and reads ahead.
-struct ReplicaFiles {
-    crc: File,
-    data_len: u64,
+    /// The chunk's data length; `None`: no data file, every byte reads as zeros.
+    data_len: Option<u64>,
 }
 
 impl ChunkStore {
+    /// Opens the store under `root` for chunks of at most `chunk_size` bytes, which must not
+    /// exceed [`MAX_CHUNK_SIZE`].
     pub fn open(root: &Path, chunk_size: u64) -> Result<ChunkStore, ChunkStoreError> {
+        if chunk_size > MAX_CHUNK_SIZE {
+            return Err(ChunkStoreError::ChunkSizeTooLarge { chunk_size, max: MAX_CHUNK_SIZE });
+        }
         for sub in ["chunks", "epochs"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -194,6 +215,11 @@ impl ChunkStore {
 
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     fn path(&self, chunk_id: u64, ext: &str) -> PathBuf {
@@ -265,17 +291,15 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// The replica's data and crc files, kept open between writes. The caller holds the
-    /// chunk's lock exclusively.
+    /// The replica's data file, kept open between writes. The caller holds the chunk's lock
+    /// exclusively.
     fn write_files(&self, chunk_id: u64) -> Result<Arc<WriteFiles>, ChunkStoreError> {
         if let Some(files) = self.write_side.lock().expect("write side").files.get(&chunk_id) {
             return Ok(files.clone());
         }
-        let open = |ext: &str| {
-            let path = self.path(chunk_id, ext);
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))
-        };
-        let files = Arc::new(WriteFiles { data: open("data")?, crc: open("crc")? });
+        let path = self.path(chunk_id, "data");
+        let data = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))?;
+        let files = Arc::new(WriteFiles { data });
         let mut side = self.write_side.lock().expect("write side");
         if side.files.len() >= REPLICAS_KEPT_OPEN_FOR_WRITES {
             // Any one goes: a write using it holds its own reference.
@@ -369,21 +393,20 @@ impl ChunkStore {
             return Err(ChunkStoreError::VersionMismatch { chunk_id, local, expected: version });
         }
         let data_path = self.path(chunk_id, "data");
-        let crc_path = self.path(chunk_id, "crc");
         let files = self.write_files(chunk_id)?;
-        let (data_file, crc_file) = (&files.data, &files.crc);
+        let data_file = &files.data;
         if !data.is_empty() {
-            let old_len = data_file.metadata().map_err(io_at(&data_path))?.len();
+            let old_len = data_length(data_file, &data_path)?;
             let (first, last) = block_span(offset, data.len() as u64);
             // Blocks between the old end and the write are holes: give them the zero crc.
             let old_blocks = old_len.div_ceil(BLOCK_SIZE);
-            let zero_crc = block_crc(&[]);
-            for block in old_blocks..first {
-                crc_file.write_all_at(&zero_crc.to_le_bytes(), block * 4).map_err(io_at(&crc_path))?;
+            if old_blocks < first {
+                let zero_crcs = block_crc(&[]).to_le_bytes().repeat((first - old_blocks) as usize);
+                data_file.write_all_at(&zero_crcs, old_blocks * 4).map_err(io_at(&data_path))?;
             }
             for block in first..=last {
                 let block_start = block * BLOCK_SIZE;
-                let mut buf = self.read_block(chunk_id, data_file, crc_file, block, old_len)?;
+                let mut buf = self.read_block(chunk_id, data_file, block, old_len)?;
                 let new_end = (offset + data.len() as u64).min(block_start + BLOCK_SIZE);
                 let copy_from = offset.max(block_start);
                 if buf.len() < (new_end - block_start) as usize {
@@ -391,8 +414,8 @@ impl ChunkStore {
                 }
                 let src = &data[(copy_from - offset) as usize..(new_end - offset) as usize];
                 buf[(copy_from - block_start) as usize..(new_end - block_start) as usize].copy_from_slice(src);
-                data_file.write_all_at(&buf, block_start).map_err(io_at(&data_path))?;
-                crc_file.write_all_at(&block_crc(&buf).to_le_bytes(), block * 4).map_err(io_at(&crc_path))?;
+                data_file.write_all_at(&buf, Self::disk_offset(block_start)).map_err(io_at(&data_path))?;
+                data_file.write_all_at(&block_crc(&buf).to_le_bytes(), block * 4).map_err(io_at(&data_path))?;
             }
         }
         if version > local {
@@ -400,23 +423,24 @@ impl ChunkStore {
         }
         if sync {
             data_file.sync_data().map_err(io_at(&data_path))?;
-            crc_file.sync_data().map_err(io_at(&crc_path))?;
             self.persist_unsynced(&[chunk_id])?;
         }
         Ok(())
     }
 
-    /// The bytes of `block` that exist on disk (up to `file_len`), verified against its crc.
-    fn read_block(&self, chunk_id: u64, data_file: &File, crc_file: &File, block: u64, file_len: u64) -> Result<Vec<u8>, ChunkStoreError> {
+    /// The bytes of `block` that exist on disk (up to the data length `data_len`), verified
+    /// against its crc.
+    fn read_block(&self, chunk_id: u64, data_file: &File, block: u64, data_len: u64) -> Result<Vec<u8>, ChunkStoreError> {
         let block_start = block * BLOCK_SIZE;
-        if block_start >= file_len {
+        if block_start >= data_len {
             return Ok(Vec::new());
         }
-        let len = (file_len - block_start).min(BLOCK_SIZE) as usize;
+        let len = (data_len - block_start).min(BLOCK_SIZE) as usize;
         let mut buf = vec![0u8; len];
-        data_file.read_exact_at(&mut buf, block_start).map_err(io_at(&self.path(chunk_id, "data")))?;
+        let data_path = self.path(chunk_id, "data");
+        data_file.read_exact_at(&mut buf, Self::disk_offset(block_start)).map_err(io_at(&data_path))?;
         let mut stored = [0u8; 4];
-        crc_file.read_exact_at(&mut stored, block * 4).map_err(io_at(&self.path(chunk_id, "crc")))?;
+        data_file.read_exact_at(&mut stored, block * 4).map_err(io_at(&data_path))?;
         let stored = u32::from_le_bytes(stored);
         let computed = block_crc(&buf);
         if stored != computed {
@@ -439,52 +463,72 @@ impl ChunkStore {
     /// [`ChunkStore::read`] into `buf` (grown as needed, never shrunk, so a connection reuses
     /// it): `buf` gets the whole blocks the range touches, each checked against its crc, and
     /// the returned range of `buf` holds the `len` bytes asked for. Reads share the chunk's
-    /// lock and keep the replica's version, length and crc file between requests (see
+    /// lock and keep the replica's version and data length between requests (see
     /// [`ChunkLock`]).
     pub fn read_into(&self, chunk_id: u64, expected_version: u64, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<Range<usize>, ChunkStoreError> {
         self.check_range(chunk_id, offset, len)?;
-        let lock = self.lock_chunk(chunk_id);
-        let _shared = lock.read().expect("chunk lock");
-        let replica = self.replica_for_reads(chunk_id, &lock)?;
-        if replica.version != expected_version {
-            return Err(ChunkStoreError::VersionMismatch { chunk_id, local: replica.version, expected: expected_version });
-        }
         if len == 0 {
-            return Ok(0..0);
+            return self.read_blocks(chunk_id, expected_version, 0, &mut []).map(|()| 0..0);
         }
         let (first, last) = block_span(offset, len);
         let span_len = ((last + 1 - first) * BLOCK_SIZE) as usize;
         if buf.len() < span_len {
             buf.resize(span_len, 0);
         }
-        let span = &mut buf[..span_len];
-        match &replica.files {
-            Some(files) => self.read_blocks_verified(chunk_id, files, first, span)?,
-            None => span.fill(0),
-        }
+        self.read_blocks(chunk_id, expected_version, first, &mut buf[..span_len])?;
         let head = (offset - first * BLOCK_SIZE) as usize;
         Ok(head..head + len as usize)
     }
 
-    /// The replica's version, data length and open crc file, as kept since the last exclusive
-    /// holder of the chunk's lock, or looked up now (the caller holds the lock shared).
+    /// [`ChunkStore::read`] into `out`: straight into it when the range is whole blocks (the
+    /// reads of a loop device), else through `buf` (as [`ChunkStore::read_into`]).
+    pub fn read_to(&self, chunk_id: u64, expected_version: u64, offset: u64, out: &mut [u8], buf: &mut Vec<u8>) -> Result<(), ChunkStoreError> {
+        let len = out.len() as u64;
+        if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
+            self.check_range(chunk_id, offset, len)?;
+            return self.read_blocks(chunk_id, expected_version, offset / BLOCK_SIZE, out);
+        }
+        let range = self.read_into(chunk_id, expected_version, offset, len, buf)?;
+        out.copy_from_slice(&buf[range]);
+        Ok(())
+    }
+
+    /// Fills `span` (whole blocks) with the blocks from `first_block` on, checked, if this
+    /// replica has `expected_version`. Reads share the chunk's lock and keep the replica's
+    /// version and length between requests (see [`ChunkLock`]).
+    fn read_blocks(&self, chunk_id: u64, expected_version: u64, first_block: u64, span: &mut [u8]) -> Result<(), ChunkStoreError> {
+        let lock = self.lock_chunk(chunk_id);
+        let _shared = lock.read().expect("chunk lock");
+        let replica = self.replica_for_reads(chunk_id, &lock)?;
+        if replica.version != expected_version {
+            return Err(ChunkStoreError::VersionMismatch { chunk_id, local: replica.version, expected: expected_version });
+        }
+        if span.is_empty() {
+            return Ok(());
+        }
+        match replica.data_len {
+            Some(data_len) => self.read_blocks_verified(chunk_id, data_len, first_block, span),
+            None => {
+                span.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The replica's version and data length, as kept since the last exclusive holder of the
+    /// chunk's lock, or looked up now (the caller holds the lock shared).
     fn replica_for_reads(&self, chunk_id: u64, lock: &Arc<ChunkLock>) -> Result<Arc<ReplicaForReads>, ChunkStoreError> {
         if let Some(kept) = lock.open_for_reads.lock().expect("replica kept for reads").clone() {
             return Ok(kept);
         }
         let version = self.version(chunk_id)?;
         let data_path = self.path(chunk_id, "data");
-        let files = match File::open(&data_path) {
-            Ok(data) => {
-                let crc_path = self.path(chunk_id, "crc");
-                let crc = File::open(&crc_path).map_err(io_at(&crc_path))?;
-                let data_len = data.metadata().map_err(io_at(&data_path))?.len();
-                Some(ReplicaFiles { crc, data_len })
-            }
+        let data_len = match fs::metadata(&data_path) {
+            Ok(metadata) => Some(metadata.len().saturating_sub(CRC_AREA)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_at(&data_path)(e)),
         };
-        let replica = Arc::new(ReplicaForReads { version, files });
+        let replica = Arc::new(ReplicaForReads { version, data_len });
         *lock.open_for_reads.lock().expect("replica kept for reads") = Some(replica.clone());
         let mut kept = self.kept_open_for_reads.lock().expect("replicas kept for reads");
         kept.push_back(Arc::downgrade(lock));
@@ -496,21 +540,31 @@ impl ChunkStore {
         Ok(replica)
     }
 
-    /// Fills `span` with the blocks from `first_block` on: one read of the data, one of their
-    /// crcs, then every block on disk checked (a block padded with zeros past the end of the
-    /// data has the crc of its bytes, see [`block_crc`]). Blocks past the end read as zeros.
-    fn read_blocks_verified(&self, chunk_id: u64, files: &ReplicaFiles, first_block: u64, span: &mut [u8]) -> Result<(), ChunkStoreError> {
+    /// Fills `span` with the blocks from `first_block` on of a replica holding `data_len`
+    /// bytes: the data file opened for this read (see [`ReplicaForReads`]), one read of the
+    /// data, then one of their crcs, then every block on disk checked (a block padded with
+    /// zeros past the end of the data has the crc of its bytes, see [`block_crc`]). Blocks past
+    /// the end read as zeros. The crcs are read after the data, so that the data read alone
+    /// sets the readahead state of the fresh file.
+    fn read_blocks_verified(&self, chunk_id: u64, data_len: u64, first_block: u64, span: &mut [u8]) -> Result<(), ChunkStoreError> {
         let start = first_block * BLOCK_SIZE;
-        let on_disk = files.data_len.saturating_sub(start).min(span.len() as u64) as usize;
-        if on_disk > 0 {
-            let data_path = self.path(chunk_id, "data");
-            let data = File::open(&data_path).map_err(io_at(&data_path))?;
-            data.read_exact_at(&mut span[..on_disk], start).map_err(io_at(&data_path))?;
-        }
+        let on_disk = data_len.saturating_sub(start).min(span.len() as u64) as usize;
         span[on_disk..].fill(0);
+        if on_disk == 0 {
+            return Ok(());
+        }
+        let data_path = self.path(chunk_id, "data");
+        let data = File::open(&data_path).map_err(io_at(&data_path))?;
+        if on_disk as u64 >= PREFETCH_AFTER_READS_OF {
+            // A large read is one of a sequential stream (a loop device reading its image):
+            // the disk starts on what comes next while this read is checked and sent.
+            let next = Self::disk_offset(start) + on_disk as u64;
+            let _ = nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&data), next as i64, (on_disk as u64 * PREFETCH_READS) as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+        }
+        data.read_exact_at(&mut span[..on_disk], Self::disk_offset(start)).map_err(io_at(&data_path))?;
         let blocks = on_disk.div_ceil(BLOCK_SIZE as usize);
         let mut crcs = vec![0u8; blocks * 4];
-        files.crc.read_exact_at(&mut crcs, first_block * 4).map_err(io_at(&self.path(chunk_id, "crc")))?;
+        data.read_exact_at(&mut crcs, first_block * 4).map_err(io_at(&data_path))?;
         for (i, (block, stored)) in span.chunks(BLOCK_SIZE as usize).zip(crcs.chunks_exact(4)).enumerate() {
             let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
             let computed = crc32c::crc32c(block);
@@ -528,27 +582,27 @@ impl ChunkStore {
     #[allow(clippy::too_many_arguments)]
     pub fn punch_hole(&self, file_id: u64, epoch: u64, chunk_id: u64, version: u64, offset: u64, len: u64) -> Result<(), ChunkStoreError> {
         self.check_range(chunk_id, offset, len)?;
-        self.change_existing(file_id, epoch, chunk_id, version, |data_file, crc_file, file_len| {
-            let (data_path, crc_path) = (self.path(chunk_id, "data"), self.path(chunk_id, "crc"));
+        self.change_existing(file_id, epoch, chunk_id, version, |data_file, data_len| {
+            let data_path = self.path(chunk_id, "data");
             // Past the end everything reads as zeros already.
-            let end = (offset + len).min(file_len);
+            let end = (offset + len).min(data_len);
             if end > offset {
                 let (first, last) = block_span(offset, end - offset);
                 for block in first..=last {
                     let block_start = block * BLOCK_SIZE;
-                    let block_end = (block_start + BLOCK_SIZE).min(file_len);
-                    let mut buf = self.read_block(chunk_id, data_file, crc_file, block, file_len)?;
+                    let block_end = (block_start + BLOCK_SIZE).min(data_len);
+                    let mut buf = self.read_block(chunk_id, data_file, block, data_len)?;
                     let (from, to) = (offset.max(block_start), end.min(block_end));
                     buf[(from - block_start) as usize..(to - block_start) as usize].fill(0);
                     if from == block_start && to == block_end {
                         let mode = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
                         use std::os::fd::AsRawFd;
-                        nix::fcntl::fallocate(data_file.as_raw_fd(), mode, block_start as i64, (block_end - block_start) as i64)
+                        nix::fcntl::fallocate(data_file.as_raw_fd(), mode, Self::disk_offset(block_start) as i64, (block_end - block_start) as i64)
                             .map_err(|e| io_at(&data_path)(io::Error::from(e)))?;
                     } else {
-                        data_file.write_all_at(&buf, block_start).map_err(io_at(&data_path))?;
+                        data_file.write_all_at(&buf, Self::disk_offset(block_start)).map_err(io_at(&data_path))?;
                     }
-                    crc_file.write_all_at(&block_crc(&buf).to_le_bytes(), block * 4).map_err(io_at(&crc_path))?;
+                    data_file.write_all_at(&block_crc(&buf).to_le_bytes(), block * 4).map_err(io_at(&data_path))?;
                 }
             }
             Ok(())
@@ -558,19 +612,19 @@ impl ChunkStore {
     /// Cuts the chunk to `len` bytes (the tail reads as zeros afterwards).
     pub fn truncate(&self, file_id: u64, epoch: u64, chunk_id: u64, version: u64, len: u64) -> Result<(), ChunkStoreError> {
         self.check_range(chunk_id, len, 0)?;
-        self.change_existing(file_id, epoch, chunk_id, version, |data_file, crc_file, file_len| {
-            let (data_path, crc_path) = (self.path(chunk_id, "data"), self.path(chunk_id, "crc"));
-            if len < file_len {
+        self.change_existing(file_id, epoch, chunk_id, version, |data_file, data_len| {
+            let data_path = self.path(chunk_id, "data");
+            if len < data_len {
                 let last_block = len / BLOCK_SIZE;
-                let mut buf = self.read_block(chunk_id, data_file, crc_file, last_block, file_len)?;
+                let mut buf = self.read_block(chunk_id, data_file, last_block, data_len)?;
                 buf.truncate((len - last_block * BLOCK_SIZE) as usize);
-                data_file.set_len(len).map_err(io_at(&data_path))?;
-                crc_file.set_len(len.div_ceil(BLOCK_SIZE) * 4).map_err(io_at(&crc_path))?;
+                // The crcs of the blocks cut off stay in the crc area, past the data: never
+                // read, and rewritten by any write extending the data again.
+                data_file.set_len(Self::disk_offset(len)).map_err(io_at(&data_path))?;
                 if !buf.is_empty() {
-                    crc_file.write_all_at(&block_crc(&buf).to_le_bytes(), last_block * 4).map_err(io_at(&crc_path))?;
+                    data_file.write_all_at(&block_crc(&buf).to_le_bytes(), last_block * 4).map_err(io_at(&data_path))?;
                 }
                 data_file.sync_data().map_err(io_at(&data_path))?;
-                crc_file.sync_data().map_err(io_at(&crc_path))?;
             }
             Ok(())
         })
@@ -578,7 +632,7 @@ impl ChunkStore {
 
     /// The frame of a change to a replica's existing bytes (punch, truncate): the writer's
     /// epoch is checked, the chunk locked, an older version refused. `change` gets the data
-    /// and crc files and the data length, if the replica has data; a newer version is then
+    /// file and the data length, if the replica has a data file; a newer version is then
     /// recorded durably.
     fn change_existing(
         &self,
@@ -586,7 +640,7 @@ impl ChunkStore {
         epoch: u64,
         chunk_id: u64,
         version: u64,
-        change: impl FnOnce(&File, &File, u64) -> Result<(), ChunkStoreError>,
+        change: impl FnOnce(&File, u64) -> Result<(), ChunkStoreError>,
     ) -> Result<(), ChunkStoreError> {
         self.check_epoch(file_id, epoch)?;
         let lock = self.lock_chunk(chunk_id);
@@ -596,11 +650,9 @@ impl ChunkStore {
             return Err(ChunkStoreError::VersionMismatch { chunk_id, local, expected: version });
         }
         let data_path = self.path(chunk_id, "data");
-        let crc_path = self.path(chunk_id, "crc");
         if let Ok(data_file) = OpenOptions::new().read(true).write(true).open(&data_path) {
-            let crc_file = OpenOptions::new().read(true).write(true).open(&crc_path).map_err(io_at(&crc_path))?;
-            let file_len = data_file.metadata().map_err(io_at(&data_path))?.len();
-            change(&data_file, &crc_file, file_len)?;
+            let data_len = data_length(&data_file, &data_path)?;
+            change(&data_file, data_len)?;
         }
         if version > local {
             self.set_version_durably(chunk_id, version)?;
@@ -628,31 +680,29 @@ impl ChunkStore {
         if local != from_version {
             return Err(ChunkStoreError::VersionMismatch { chunk_id: from, local, expected: from_version });
         }
-        let (to_data_path, to_crc_path) = (self.path(to, "data"), self.path(to, "crc"));
+        let to_data_path = self.path(to, "data");
         let to_data = File::create(&to_data_path).map_err(io_at(&to_data_path))?;
-        let mut crcs = Vec::new();
         let from_data_path = self.path(from, "data");
         match File::open(&from_data_path) {
             Ok(from_data) => {
-                let from_crc_path = self.path(from, "crc");
-                let from_crc = File::open(&from_crc_path).map_err(io_at(&from_crc_path))?;
-                let file_len = from_data.metadata().map_err(io_at(&from_data_path))?.len();
-                for block in 0..file_len.div_ceil(BLOCK_SIZE) {
-                    let buf = self.read_block(from, &from_data, &from_crc, block, file_len)?;
+                let data_len = data_length(&from_data, &from_data_path)?;
+                let mut crcs = Vec::new();
+                for block in 0..data_len.div_ceil(BLOCK_SIZE) {
+                    let buf = self.read_block(from, &from_data, block, data_len)?;
                     if buf.iter().any(|b| *b != 0) {
-                        to_data.write_all_at(&buf, block * BLOCK_SIZE).map_err(io_at(&to_data_path))?;
+                        to_data.write_all_at(&buf, Self::disk_offset(block * BLOCK_SIZE)).map_err(io_at(&to_data_path))?;
                     }
                     crcs.extend_from_slice(&block_crc(&buf).to_le_bytes());
                 }
-                to_data.set_len(file_len).map_err(io_at(&to_data_path))?;
+                if data_len > 0 {
+                    to_data.write_all_at(&crcs, 0).map_err(io_at(&to_data_path))?;
+                    to_data.set_len(Self::disk_offset(data_len)).map_err(io_at(&to_data_path))?;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_at(&from_data_path)(e)),
         }
-        let mut to_crc = File::create(&to_crc_path).map_err(io_at(&to_crc_path))?;
-        to_crc.write_all(&crcs).map_err(io_at(&to_crc_path))?;
         to_data.sync_data().map_err(io_at(&to_data_path))?;
-        to_crc.sync_data().map_err(io_at(&to_crc_path))?;
         self.set_version_durably(to, version)
     }
 
@@ -672,19 +722,16 @@ impl ChunkStore {
             return Err(ChunkStoreError::VersionMismatch { chunk_id, local, expected: version });
         }
         let data_path = self.path(chunk_id, "data");
-        let crc_path = self.path(chunk_id, "crc");
         let Ok(data_file) = OpenOptions::new().read(true).write(true).open(&data_path) else { return Ok(false) };
-        let crc_file = OpenOptions::new().read(true).write(true).open(&crc_path).map_err(io_at(&crc_path))?;
-        let file_len = data_file.metadata().map_err(io_at(&data_path))?.len();
-        match self.read_block(chunk_id, &data_file, &crc_file, block, file_len) {
+        let data_len = data_length(&data_file, &data_path)?;
+        match self.read_block(chunk_id, &data_file, block, data_len) {
             Ok(_) => return Ok(false),
             Err(ChunkStoreError::Corrupt { .. }) => {}
             Err(e) => return Err(e),
         }
-        data_file.write_all_at(data, block_start).map_err(io_at(&data_path))?;
-        crc_file.write_all_at(&block_crc(data).to_le_bytes(), block * 4).map_err(io_at(&crc_path))?;
+        data_file.write_all_at(data, Self::disk_offset(block_start)).map_err(io_at(&data_path))?;
+        data_file.write_all_at(&block_crc(data).to_le_bytes(), block * 4).map_err(io_at(&data_path))?;
         data_file.sync_data().map_err(io_at(&data_path))?;
-        crc_file.sync_data().map_err(io_at(&crc_path))?;
         tracing::info!(chunk_id, block, "corrupt block repaired from another replica");
         Ok(true)
     }
@@ -705,12 +752,11 @@ impl ChunkStore {
             let lock = self.lock_chunk(chunk_id);
             let _guard = lock.lock().expect("chunk lock");
             let data_path = self.path(chunk_id, "data");
-            let crc_path = self.path(chunk_id, "crc");
             // Deleted meanwhile: nothing to check.
-            let (Ok(data_file), Ok(crc_file)) = (File::open(&data_path), File::open(&crc_path)) else { continue };
-            let file_len = data_file.metadata().map_err(io_at(&data_path))?.len();
-            for block in 0..file_len.div_ceil(BLOCK_SIZE) {
-                match self.read_block(chunk_id, &data_file, &crc_file, block, file_len) {
+            let Ok(data_file) = File::open(&data_path) else { continue };
+            let data_len = data_length(&data_file, &data_path)?;
+            for block in 0..data_len.div_ceil(BLOCK_SIZE) {
+                match self.read_block(chunk_id, &data_file, block, data_len) {
                     Ok(_) => {}
                     Err(ChunkStoreError::Corrupt { .. }) => corrupt_blocks.push((chunk_id, block)),
                     Err(e) => return Err(e),
@@ -741,28 +787,29 @@ impl ChunkStore {
         if local != version {
             return Err(ChunkStoreError::VersionMismatch { chunk_id, local, expected: version });
         }
-        let data_len = match fs::metadata(self.path(chunk_id, "data")) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io_at(&self.path(chunk_id, "data"))(e)),
-        };
-        let crc_path = self.path(chunk_id, "crc");
-        let crcs = match fs::read(&crc_path) {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_at(&crc_path)(e)),
+        let data_path = self.path(chunk_id, "data");
+        let (crcs, data_len) = match File::open(&data_path) {
+            Ok(data_file) => {
+                let data_len = data_length(&data_file, &data_path)?;
+                let mut crcs = vec![0u8; (data_len.div_ceil(BLOCK_SIZE) * 4) as usize];
+                data_file.read_exact_at(&mut crcs, 0).map_err(io_at(&data_path))?;
+                (crcs, data_len)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), 0),
+            Err(e) => return Err(io_at(&data_path)(e)),
         };
         Ok((digest_of_crcs(&crcs, data_len.div_ceil(BLOCK_SIZE)), data_len))
     }
 
-    /// fdatasync of the chunk's data and crcs.
+    /// fdatasync of the chunk's data file (its bytes and crcs).
     pub fn sync(&self, chunk_id: u64) -> Result<(), ChunkStoreError> {
         self.sync_chunks(&[chunk_id])
     }
 
-    /// fdatasync of the data and crcs of every chunk of `chunk_ids`, all at once (the disk then
-    /// merges their cache flushes), then their versions and the epochs of the files that wrote
-    /// them made durable (see [`WriteSide`]).
+    /// fdatasync of the data file (bytes and crcs together) of every chunk of `chunk_ids`, all
+    /// at once (the disk then merges their cache flushes; a single file is synced on the
+    /// calling thread), then their versions and the epochs of the files that wrote them made
+    /// durable (see [`WriteSide`]).
     pub fn sync_chunks(&self, chunk_ids: &[u64]) -> Result<(), ChunkStoreError> {
         // The files writes keep open, or else opened now (a chunk never written has none).
         let mut kept: Vec<(u64, Arc<WriteFiles>)> = Vec::new();
@@ -772,27 +819,28 @@ impl ChunkStore {
                 kept.push((chunk_id, files));
                 continue;
             }
-            for ext in ["data", "crc"] {
-                let path = self.path(chunk_id, ext);
-                match File::open(&path) {
-                    Ok(f) => opened.push((path, f)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_at(&path)(e)),
-                }
+            let path = self.path(chunk_id, "data");
+            match File::open(&path) {
+                Ok(f) => opened.push((path, f)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&path)(e)),
             }
         }
         let mut files: Vec<(PathBuf, &File)> = opened.iter().map(|(path, f)| (path.clone(), f)).collect();
         for (chunk_id, kept) in &kept {
             files.push((self.path(*chunk_id, "data"), &kept.data));
-            files.push((self.path(*chunk_id, "crc"), &kept.crc));
         }
-        let results: Vec<Result<(), ChunkStoreError>> = std::thread::scope(|scope| {
-            let Some(((last_path, last_file), rest)) = files.split_last() else { return Vec::new() };
-            let handles: Vec<_> = rest.iter().map(|(path, file)| scope.spawn(move || file.sync_data().map_err(io_at(path)))).collect();
-            let mut results = vec![last_file.sync_data().map_err(io_at(last_path))];
-            results.extend(handles.into_iter().map(|h| h.join().expect("fdatasync thread")));
-            results
-        });
+        let results: Vec<Result<(), ChunkStoreError>> = match files.as_slice() {
+            [] => Vec::new(),
+            [(path, file)] => vec![file.sync_data().map_err(io_at(path))],
+            _ => std::thread::scope(|scope| {
+                let Some(((last_path, last_file), rest)) = files.split_last() else { return Vec::new() };
+                let handles: Vec<_> = rest.iter().map(|(path, file)| scope.spawn(move || file.sync_data().map_err(io_at(path)))).collect();
+                let mut results = vec![last_file.sync_data().map_err(io_at(last_path))];
+                results.extend(handles.into_iter().map(|h| h.join().expect("fdatasync thread")));
+                results
+            }),
+        };
         results.into_iter().collect::<Result<Vec<()>, _>>()?;
         self.persist_unsynced(chunk_ids)
     }
@@ -801,7 +849,7 @@ impl ChunkStore {
     pub fn delete(&self, chunk_id: u64) -> Result<(), ChunkStoreError> {
         let lock = self.lock_chunk(chunk_id);
         let _guard = lock.lock().expect("chunk lock");
-        for ext in ["data", "crc", "version"] {
+        for ext in ["data", "version"] {
             let path = self.path(chunk_id, ext);
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -825,6 +873,11 @@ impl ChunkStore {
         root.join("chunks").join(format!("{chunk_id:016x}.data"))
     }
 
+    /// Where chunk byte `chunk_offset` is in the chunk's data file: past the crc area.
+    pub const fn disk_offset(chunk_offset: u64) -> u64 {
+        CRC_AREA + chunk_offset
+    }
+
     /// Free and total bytes of the filesystem holding the data directory.
     pub fn capacity(&self) -> Result<(u64, u64), ChunkStoreError> {
         let stat = nix::sys::statvfs::statvfs(&self.root).map_err(|e| io_at(&self.root)(io::Error::from(e)))?;
@@ -842,6 +895,11 @@ pub fn digest_of_crcs(crcs: &[u8], blocks: u64) -> u64 {
     }
     let crc = entries.iter().fold(0u32, |acc, e| crc32c::crc32c_append(acc, e));
     ((entries.len() as u64) << 32) | crc as u64
+}
+
+/// The data length of a chunk's data file: its length past the crc area.
+fn data_length(data_file: &File, path: &Path) -> Result<u64, ChunkStoreError> {
+    Ok(data_file.metadata().map_err(io_at(path))?.len().saturating_sub(CRC_AREA))
 }
 
 /// Write and rename, no fsync: the file holds either the old or the new content, and keeps
@@ -912,7 +970,7 @@ mod tests {
         store.write(7, 1, 2, 1, 0, &[5u8; 1000], false).unwrap();
         let path = ChunkStore::data_path(dir.path(), 2);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[6u8], 500).unwrap();
+        f.write_all_at(&[6u8], ChunkStore::disk_offset(500)).unwrap();
         assert!(matches!(store.read(2, 1, 0, 10), Err(ChunkStoreError::Corrupt { block: 0, .. })));
     }
 
@@ -922,7 +980,7 @@ mod tests {
         store.write(7, 1, 3, 1, 0, &[5u8; 1000], false).unwrap();
         assert!(!store.repair_block(3, 1, 0, &[6u8; 1000]).unwrap(), "a healthy block is left alone");
         let f = OpenOptions::new().write(true).open(ChunkStore::data_path(dir.path(), 3)).unwrap();
-        f.write_all_at(&[0u8], 10).unwrap();
+        f.write_all_at(&[0u8], ChunkStore::disk_offset(10)).unwrap();
         assert!(store.repair_block(3, 2, 0, &[5u8; 1000]).is_err(), "a repair of another version is refused");
         assert!(store.repair_block(3, 1, 0, &[5u8; 1000]).unwrap());
         assert_eq!(store.read(3, 1, 0, 1000).unwrap(), vec![5u8; 1000]);
@@ -935,7 +993,7 @@ mod tests {
         store.write(7, 1, 11, 1, 0, &[2u8; 1000], false).unwrap();
         assert!(store.scrub_once().unwrap().corrupt_blocks.is_empty());
         let f = OpenOptions::new().write(true).open(ChunkStore::data_path(dir.path(), 10)).unwrap();
-        f.write_all_at(&[0u8], 2 * BLOCK_SIZE + 5).unwrap();
+        f.write_all_at(&[0u8], ChunkStore::disk_offset(2 * BLOCK_SIZE + 5)).unwrap();
         let report = store.scrub_once().unwrap();
         assert_eq!(report, ScrubReport { passes: 2, chunks_checked: 2, corrupt_blocks: vec![(10, 2)] });
     }
@@ -1046,7 +1104,8 @@ mod tests {
         assert_eq!(store.content_digest(31, 1).unwrap().0, store.content_digest(30, 3).unwrap().0);
         use std::os::unix::fs::MetadataExt;
         let allocated = fs::metadata(ChunkStore::data_path(dir.path(), 31)).unwrap().blocks() * 512;
-        assert!(allocated <= 2 * BLOCK_SIZE, "the holes between the blocks stay holes: {allocated}");
+        // Two data blocks and the start of the crc area.
+        assert!(allocated < 3 * BLOCK_SIZE, "the holes between the blocks stay holes: {allocated}");
         // Writing the copy leaves the original alone.
         store.write(2, 1, 31, 1, 0, b"changed", false).unwrap();
         assert_eq!(store.read(30, 3, 0, 7).unwrap(), [8u8; 7]);
@@ -1056,7 +1115,7 @@ mod tests {
         assert_eq!(store.version(32).unwrap(), 0);
         // A corrupt block fails the copy rather than spreading.
         let f = OpenOptions::new().write(true).open(ChunkStore::data_path(dir.path(), 30)).unwrap();
-        f.write_all_at(&[0u8], 10).unwrap();
+        f.write_all_at(&[0u8], ChunkStore::disk_offset(10)).unwrap();
         assert!(matches!(store.copy_chunk(2, 5, 30, 3, 33, 1), Err(ChunkStoreError::Corrupt { .. })));
         assert_eq!(store.version(33).unwrap(), 0);
     }
@@ -1080,7 +1139,7 @@ mod tests {
         store.write(1, 1, 41, 1, 0, &[3u8; 3 * BLOCK_SIZE as usize], false).unwrap();
         assert_eq!(store.read(41, 1, 10, 2 * BLOCK_SIZE).unwrap(), vec![3u8; 2 * BLOCK_SIZE as usize]);
         let f = OpenOptions::new().write(true).open(ChunkStore::data_path(dir.path(), 41)).unwrap();
-        f.write_all_at(&[4u8], 2 * BLOCK_SIZE + 1).unwrap();
+        f.write_all_at(&[4u8], ChunkStore::disk_offset(2 * BLOCK_SIZE + 1)).unwrap();
         assert!(matches!(store.read(41, 1, 10, 2 * BLOCK_SIZE), Err(ChunkStoreError::Corrupt { block: 2, .. })));
         assert_eq!(store.read(41, 1, 0, BLOCK_SIZE).unwrap(), vec![3u8; BLOCK_SIZE as usize], "the other blocks still read");
     }
@@ -1105,6 +1164,38 @@ mod tests {
             assert_eq!(store.read(id, 1, 0, 8).unwrap(), id.to_le_bytes());
         }
         assert!(store.kept_open_for_reads.lock().unwrap().len() <= REPLICAS_KEPT_OPEN_FOR_READS);
+    }
+
+    #[test]
+    fn crcs_live_at_the_start_of_the_data_file() {
+        let (dir, store) = store();
+        let data: Vec<u8> = (0..(BLOCK_SIZE + 100) as u32).map(|i| (i % 249) as u8).collect();
+        store.write(1, 1, 60, 1, 2 * BLOCK_SIZE, &data, false).unwrap();
+        let path = ChunkStore::data_path(dir.path(), 60);
+        let disk = fs::read(&path).unwrap();
+        assert_eq!(disk.len() as u64, ChunkStore::disk_offset(2 * BLOCK_SIZE) + data.len() as u64);
+        assert_eq!(&disk[ChunkStore::disk_offset(2 * BLOCK_SIZE) as usize..], data.as_slice());
+        let crc = |block: usize| u32::from_le_bytes(disk[4 * block..4 * block + 4].try_into().unwrap());
+        assert_eq!((crc(0), crc(1)), (block_crc(&[]), block_crc(&[])), "the holes before the write");
+        assert_eq!(crc(2), block_crc(&data[..BLOCK_SIZE as usize]));
+        assert_eq!(crc(3), block_crc(&data[BLOCK_SIZE as usize..]));
+        assert!(!dir.path().join("chunks").join(format!("{:016x}.crc", 60)).exists());
+        // Cut and extended again: the crcs past the cut are rewritten, not reused.
+        store.truncate(1, 1, 60, 1, BLOCK_SIZE + 10).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), ChunkStore::disk_offset(BLOCK_SIZE + 10));
+        store.write(1, 1, 60, 1, 3 * BLOCK_SIZE + 5, b"x", true).unwrap();
+        let back = store.read(60, 1, 0, 4 * BLOCK_SIZE).unwrap();
+        assert!(back[..(3 * BLOCK_SIZE + 5) as usize].iter().all(|b| *b == 0));
+        assert_eq!(back[(3 * BLOCK_SIZE + 5) as usize], b'x');
+        assert!(store.scrub_once().unwrap().corrupt_blocks.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_size_past_what_the_crc_area_covers_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(MAX_CHUNK_SIZE, 1 << 30);
+        assert!(ChunkStore::open(dir.path(), MAX_CHUNK_SIZE).is_ok());
+        assert!(matches!(ChunkStore::open(dir.path(), MAX_CHUNK_SIZE + BLOCK_SIZE), Err(ChunkStoreError::ChunkSizeTooLarge { .. })));
     }
 
     #[test]

@@ -155,16 +155,10 @@ impl FileData {
         self.chunk_size
     }
 
+    /// Sends `request` to every server of `servers` at once and collects who did it.
     fn fanout(&self, servers: &[String], request: &ChunkRequest) -> Fanout {
-        let results: Vec<(String, Result<ChunkResponse, ChunkClientError>)> = std::thread::scope(|scope| {
-            // The last server is called from this thread: one thread fewer to start per request.
-            let Some((last, others)) = servers.split_last() else { return Vec::new() };
-            let handles: Vec<_> = others.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, request)))).collect();
-            let mine = self.chunks.call(last, request);
-            let mut results: Vec<_> = handles.into_iter().map(|(s, h)| (s, h.join().expect("replica call thread"))).collect();
-            results.push((last.clone(), mine));
-            results
-        });
+        let calls: Vec<(&str, &ChunkRequest)> = servers.iter().map(|s| (s.as_str(), request)).collect();
+        let results = servers.iter().cloned().zip(self.chunks.call_all(&calls));
         let mut fanout = Fanout { succeeded: vec![], failures: vec![] };
         for (server, result) in results {
             match result {
@@ -315,17 +309,17 @@ impl FileData {
         if servers.is_empty() {
             return Err(DataError::NoServers);
         }
-        let answers: Vec<(String, Result<u64, String>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = servers.iter().map(|s| (s.clone(), scope.spawn(move || self.chunks.call(s, &ChunkRequest::Capacity)))).collect();
-            handles
-                .into_iter()
-                .map(|(s, h)| match h.join().expect("capacity call thread") {
-                    Ok(ChunkResponse::Capacity { free, .. }) => (s, Ok(free)),
-                    Ok(other) => (s, Err(format!("unexpected answer {other:?}"))),
-                    Err(e) => (s, Err(e.to_string())),
-                })
-                .collect()
-        });
+        let calls: Vec<(&str, &ChunkRequest)> = servers.iter().map(|s| (s.as_str(), &ChunkRequest::Capacity)).collect();
+        let answers: Vec<(String, Result<u64, String>)> = servers
+            .iter()
+            .cloned()
+            .zip(self.chunks.call_all(&calls))
+            .map(|(s, answer)| match answer {
+                Ok(ChunkResponse::Capacity { free, .. }) => (s, Ok(free)),
+                Ok(other) => (s, Err(format!("unexpected answer {other:?}"))),
+                Err(e) => (s, Err(e.to_string())),
+            })
+            .collect();
         *self.placement_answers.lock().expect("placement answers") = Some((Instant::now(), answers.clone()));
         Ok(answers)
     }
@@ -622,27 +616,22 @@ impl FileData {
                 per_server.entry(server).or_default().push(chunk.chunk_id);
             }
         }
-        let failed: Vec<String> = std::thread::scope(|scope| {
-            let handles: Vec<_> = per_server
-                .into_iter()
-                .map(|(server, chunk_ids)| scope.spawn(move || (self.chunks.call(&server, &ChunkRequest::SyncChunks { chunk_ids }), server)))
-                .collect();
-            handles
-                .into_iter()
-                .filter_map(|h| match h.join().expect("sync thread") {
-                    (Ok(_), _) => None,
-                    (Err(e), server) => {
-                        tracing::warn!(%server, "replica sync failed: {e}");
-                        if e.is_unavailable() {
-                            self.chunks.forget(&server);
-                        }
-                        Some(server)
-                    }
-                })
-                .collect()
-        });
+        let requests: Vec<(String, ChunkRequest)> = per_server.into_iter().map(|(server, chunk_ids)| (server, ChunkRequest::SyncChunks { chunk_ids })).collect();
+        let calls: Vec<(&str, &ChunkRequest)> = requests.iter().map(|(server, request)| (server.as_str(), request)).collect();
+        let failed: Vec<&str> = calls
+            .iter()
+            .zip(self.chunks.call_all(&calls))
+            .filter_map(|((server, _), answer)| {
+                let e = answer.err()?;
+                tracing::warn!(%server, "replica sync failed: {e}");
+                if e.is_unavailable() {
+                    self.chunks.forget(server);
+                }
+                Some(*server)
+            })
+            .collect();
         for (index, chunk) in chunks {
-            if chunk.current_servers().iter().any(|s| failed.contains(s)) {
+            if chunk.current_servers().iter().any(|s| failed.contains(&s.as_str())) {
                 self.sync_chunk(lease, index)?;
             }
         }

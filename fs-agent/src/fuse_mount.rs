@@ -528,7 +528,9 @@ impl fuser::Filesystem for SharedFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.data.namespace().inode(ino.0) {
+        // As this mount committed or read them less than the TTL ago: a directory it just
+        // created a file in is asked for again at once (the kernel drops its attributes).
+        match self.data.namespace().inode_at_most(ino.0, ATTR_TTL) {
             Ok(inode) => reply.attr(&ATTR_TTL, &self.attr(&inode)),
             Err(e) => reply.error(ns_err(e)),
         }

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use fs_agent::chunk_client::ChunkClient;
+use fs_agent::chunk_store::ChunkStore;
 use fs_agent::chunk_transport::ChunkTls;
 use fs_agent::file_data::{FileData, DEFAULT_CHUNK_SIZE};
 use fs_agent::fuse_mount::{self, SharedFs};
@@ -50,11 +51,11 @@ enum Cmd {
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         max_chunk_size: u64,
         /// Seconds between background scrub passes over every replica (0: never).
-        #[arg(long, env = "FS_AGENT_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
+        #[arg(long, env = "FS_AGENT_SCRUB_INTERVAL_SECS", default_value_t = DEFAULT_SCRUB_INTERVAL_SECS)]
         scrub_interval_secs: u64,
         /// Seconds between heartbeats in the metadata store (the healer declares a server dead
         /// after --dead-after-secs without one).
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = DEFAULT_HEARTBEAT_SECS)]
         heartbeat_secs: u64,
     },
     /// Issue a certificate signed by the cluster CA for a chunk server or a client (mount,
@@ -98,8 +99,23 @@ enum Cmd {
         #[arg(long)]
         node_id: Option<String>,
         /// This node's chunk server address: reads use its replicas first when they are current.
+        /// Implied by --chunk-data.
         #[arg(long)]
         local_server: Option<String>,
+        /// Run this node's chunk server in the mount process, its replicas in this directory
+        /// (as `chunkserver --data`): the mount then reads and writes its local replicas
+        /// directly, and serves them to other nodes on --chunk-listen.
+        #[arg(long, requires = "chunk_listen", conflicts_with = "local_server")]
+        chunk_data: Option<PathBuf>,
+        /// Address the in-process chunk server listens on (as `chunkserver --listen`).
+        #[arg(long, requires = "chunk_data")]
+        chunk_listen: Option<String>,
+        /// Address other nodes reach the in-process chunk server at (default: --chunk-listen).
+        #[arg(long, requires = "chunk_data")]
+        chunk_advertise: Option<String>,
+        /// Seconds between scrub passes of the in-process chunk server (0: never).
+        #[arg(long, env = "FS_AGENT_SCRUB_INTERVAL_SECS", default_value_t = DEFAULT_SCRUB_INTERVAL_SECS)]
+        chunk_scrub_interval_secs: u64,
         /// Seconds between heal passes over the files this mount is writing (0: never).
         #[arg(long, default_value_t = 30)]
         heal_interval_secs: u64,
@@ -218,6 +234,44 @@ fn chunk_tls(dir: Option<&PathBuf>) -> Result<Option<ChunkTls>> {
 }
 
 /// A chunk client speaking TLS when this process has TLS material.
+const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 3600;
+const DEFAULT_HEARTBEAT_SECS: u64 = 10;
+
+/// A chunk server to start: a `chunkserver` process, or one inside a mount (`--chunk-data`).
+struct ChunkServerSetup {
+    listen: String,
+    data: PathBuf,
+    advertise: Option<String>,
+    max_chunk_size: u64,
+    scrub_interval_secs: u64,
+    heartbeat_secs: u64,
+}
+
+impl ChunkServerSetup {
+    /// Binds the listener, opens the store and, with a metadata store, registers the server
+    /// and keeps its heartbeat going: returns the listener, the address mounts use and the store.
+    fn prepare(&self, ns: Option<Arc<Namespace>>, tls: Option<&ChunkTls>) -> Result<(std::net::TcpListener, String, Arc<ChunkStore>)> {
+        let listener = fs_agent::chunk_server::bind(&self.listen)?;
+        let addr = self.advertise.clone().unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or(self.listen.clone()));
+        if let Some(tls) = tls {
+            tls.check_serves(&addr)?;
+        }
+        if let Some(ns) = ns {
+            if !self.data.join("chunks").exists() {
+                refuse_new_disk_at_known_address(&ns, &addr, &self.data)?;
+            }
+            servers::heartbeat(&ns, &addr, self.heartbeat_secs).with_context(|| format!("cannot register chunk server {addr}"))?;
+            spawn_heartbeat(ns, addr.clone(), Duration::from_secs(self.heartbeat_secs.max(1)));
+        }
+        let store = fs_agent::chunk_server::open_store(&self.data, self.max_chunk_size)?;
+        Ok((listener, addr, store))
+    }
+
+    fn scrub_interval(&self) -> Option<Duration> {
+        (self.scrub_interval_secs > 0).then(|| Duration::from_secs(self.scrub_interval_secs))
+    }
+}
+
 fn chunk_client(tls: Option<&ChunkTls>) -> ChunkClient {
     ChunkClient::with_tls(tls.map(ChunkTls::client_config))
 }
@@ -284,21 +338,10 @@ fn run(cli: Cli) -> Result<()> {
     let tls = tls.as_ref();
     match cli.command {
         Cmd::Chunkserver { listen, data, meta, advertise, max_chunk_size, scrub_interval_secs, heartbeat_secs } => {
-            let listener = fs_agent::chunk_server::bind(&listen)?;
-            let addr = advertise.unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone()));
-            if let Some(tls) = tls {
-                tls.check_serves(&addr)?;
-            }
-            if let Some(meta) = meta {
-                let ns = namespace(&meta, ca)?;
-                if !data.join("chunks").exists() {
-                    refuse_new_disk_at_known_address(&ns, &addr, &data)?;
-                }
-                servers::heartbeat(&ns, &addr, heartbeat_secs).with_context(|| format!("cannot register chunk server {addr}"))?;
-                spawn_heartbeat(ns, addr.clone(), Duration::from_secs(heartbeat_secs.max(1)));
-            }
-            let scrub_interval = (scrub_interval_secs > 0).then(|| Duration::from_secs(scrub_interval_secs));
-            fs_agent::chunk_server::serve(listener, &data, max_chunk_size, scrub_interval, tls.map(ChunkTls::server_config))?;
+            let ns = meta.map(|meta| namespace(&meta, ca)).transpose()?;
+            let server = ChunkServerSetup { listen, data, advertise, max_chunk_size, scrub_interval_secs, heartbeat_secs };
+            let (listener, _, store) = server.prepare(ns, tls)?;
+            fs_agent::chunk_server::serve(listener, store, server.scrub_interval(), tls.map(ChunkTls::server_config));
         }
         Cmd::CertCreate { ca_dir, out, name, ips, dns_names } => {
             let name = match name {
@@ -312,7 +355,7 @@ fn run(cli: Cli) -> Result<()> {
             let serves = if names.is_empty() { "a client only (it names no address a chunk server could use)".to_string() } else { format!("{} (client, and chunk server at those addresses)", names.join(", ")) };
             println!("certificate for {name} written to {}: {serves}; pass --tls-dir {}", out.display(), out.display());
         }
-        Cmd::Mount { meta, replicas, min_copies, chunk_size, threads, node_id, local_server, heal_interval_secs, mountpoint } => {
+        Cmd::Mount { meta, replicas, min_copies, chunk_size, threads, node_id, local_server, chunk_data, chunk_listen, chunk_advertise, chunk_scrub_interval_secs, heal_interval_secs, mountpoint } => {
             fuse_mount::block_termination_signals();
             fuse_mount::become_io_flusher();
             let node_id = match node_id {
@@ -328,7 +371,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             let ns = namespace(&meta, ca)?;
             let config = ns.init(replicas, FsConfig { chunk_size }).context("cannot open the filesystem metadata")?;
-            let data = FileData::new(ns, config.chunk_size, min_copies).with_local_server(local_server).with_chunk_client(chunk_client(tls));
+            let (local_server, chunks) = match (chunk_data, chunk_listen) {
+                (Some(data), Some(listen)) => {
+                    let server = ChunkServerSetup { listen, data, advertise: chunk_advertise, max_chunk_size: config.chunk_size.max(DEFAULT_CHUNK_SIZE), scrub_interval_secs: chunk_scrub_interval_secs, heartbeat_secs: DEFAULT_HEARTBEAT_SECS };
+                    let (listener, addr, store) = server.prepare(Some(ns.clone()), tls)?;
+                    let (scrub_interval, server_tls) = (server.scrub_interval(), tls.map(ChunkTls::server_config));
+                    let serving = store.clone();
+                    std::thread::Builder::new().name("chunk-server".into()).spawn(move || fs_agent::chunk_server::serve(listener, serving, scrub_interval, server_tls))?;
+                    (Some(addr.clone()), chunk_client(tls).with_local_store(addr, store))
+                }
+                _ => (local_server, chunk_client(tls)),
+            };
+            let data = FileData::new(ns, config.chunk_size, min_copies).with_local_server(local_server).with_chunk_client(chunks);
             let fs = SharedFs::new(data, &node_id);
             fs.drop_stale_locks().context("cannot clear this node's byte-range locks from an earlier run")?;
             if heal_interval_secs > 0 {

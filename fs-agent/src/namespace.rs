@@ -16,8 +16,8 @@
 //! Numbers in keys are 16 hex digits so keys sort numerically.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -296,8 +296,10 @@ pub struct AttrChanges {
     pub kill_suidgid: bool,
 }
 
+const INODE_PREFIX: &str = "/fs/inodes/";
+
 pub fn inode_key(ino: u64) -> String {
-    format!("/fs/inodes/{ino:016x}")
+    format!("{INODE_PREFIX}{ino:016x}")
 }
 pub fn dirent_prefix(parent: u64) -> String {
     format!("/fs/dirents/{parent:016x}/")
@@ -440,11 +442,113 @@ pub fn resolve_path(ns: &Namespace, path: &str) -> Result<Inode, NamespaceError>
 
 pub struct Namespace {
     store: Arc<dyn MetadataStore>,
+    /// Inodes as this client last committed or read them (see [`KnownInode`]).
+    known: Mutex<HashMap<u64, KnownInode>>,
+    /// Inode numbers reserved for this client and not used yet (see [`INO_BATCH`]).
+    free_inos: Mutex<std::ops::Range<u64>>,
 }
+
+/// An inode as this client last committed or read it, at `revision`.
+///
+/// A change starts from it instead of reading the inode first: its commit is conditioned on
+/// `revision`, so a stale entry (another node changed the inode since) only costs a failed
+/// commit, after which the change reads the inode and tries again. `getattr` answers from an
+/// entry younger than the attribute TTL, as the kernel itself would from its own cache.
+/// Every commit of this client that changes an inode drops its entry first; the change puts
+/// back what it committed.
+#[derive(Clone)]
+struct KnownInode {
+    inode: Inode,
+    revision: u64,
+    at: Instant,
+}
+
+/// Entries kept at most in [`Namespace::known`]; past it the table starts over.
+const KNOWN_INODES_KEPT: usize = 65_536;
+
+/// Inode numbers a client reserves at once: one commit of the counter serves this many
+/// creations, which then need no read of it and no condition on it.
+const INO_BATCH: u64 = 1024;
 
 impl Namespace {
     pub fn new(store: Arc<dyn MetadataStore>) -> Namespace {
-        Namespace { store }
+        Namespace { store, known: Mutex::new(HashMap::new()), free_inos: Mutex::new(0..0) }
+    }
+
+    /// Commits `mutations` if every condition holds, first forgetting the known inodes they
+    /// change (see [`KnownInode`]). Every commit of the namespace goes through here.
+    fn commit_at(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<Option<u64>, NamespaceError> {
+        self.forget_changed_inodes(mutations);
+        Ok(self.store.commit_at(conditions, mutations)?)
+    }
+
+    fn commit(&self, conditions: &[Condition], mutations: &[Mutation]) -> Result<bool, NamespaceError> {
+        Ok(self.commit_at(conditions, mutations)?.is_some())
+    }
+
+    fn forget_changed_inodes(&self, mutations: &[Mutation]) {
+        let mut known = self.known.lock().expect("known inodes");
+        if known.is_empty() {
+            return;
+        }
+        for mutation in mutations {
+            let key = match mutation {
+                Mutation::Put { key, .. } | Mutation::Delete { key } => key,
+            };
+            if let Some(ino) = key.strip_prefix(INODE_PREFIX).and_then(|hex| u64::from_str_radix(hex, 16).ok()) {
+                known.remove(&ino);
+            }
+        }
+    }
+
+    /// Keeps `inode` as committed or read at `revision`, unless a newer one is known.
+    fn remember(&self, inode: &Inode, revision: u64) {
+        let mut known = self.known.lock().expect("known inodes");
+        if known.len() >= KNOWN_INODES_KEPT {
+            known.clear();
+        }
+        match known.get(&inode.ino) {
+            Some(kept) if kept.revision > revision => {}
+            _ => {
+                known.insert(inode.ino, KnownInode { inode: inode.clone(), revision, at: Instant::now() });
+            }
+        }
+    }
+
+    fn forget(&self, ino: u64) {
+        self.known.lock().expect("known inodes").remove(&ino);
+    }
+
+    /// The inode a change starts from: as known (any age: the change's commit is conditioned
+    /// on its revision, and a change whose commit fails calls [`Namespace::forget`] and
+    /// comes back here, which then reads), or read now.
+    fn inode_for_change(&self, ino: u64) -> Result<(Inode, u64), NamespaceError> {
+        if let Some(kept) = self.known.lock().expect("known inodes").get(&ino) {
+            return Ok((kept.inode.clone(), kept.revision));
+        }
+        self.inode_with_revision(ino)
+    }
+
+    /// [`Namespace::inode_for_change`] of a directory.
+    fn directory_for_change(&self, ino: u64) -> Result<(Inode, u64), NamespaceError> {
+        let (inode, rev) = self.inode_for_change(ino)?;
+        if inode.kind != InodeKind::Directory {
+            return Err(NamespaceError::NotDirectory { what: format!("inode {ino}") });
+        }
+        Ok((inode, rev))
+    }
+
+    /// The inode as this client committed or read it less than `max_age` ago, else read now:
+    /// for `getattr`, whose answers the kernel keeps that long anyway.
+    pub fn inode_at_most(&self, ino: u64, max_age: Duration) -> Result<Inode, NamespaceError> {
+        if let Some(kept) = self.known.lock().expect("known inodes").get(&ino) {
+            if kept.at.elapsed() < max_age {
+                return Ok(kept.inode.clone());
+            }
+        }
+        let (inode, revision) = self.inode_with_revision(ino)?;
+        self.remember(&inode, revision);
+        Ok(inode)
     }
 
     pub fn store(&self) -> &Arc<dyn MetadataStore> {
@@ -473,7 +577,7 @@ impl Namespace {
             replicas: default_replicas,
             parent: ROOT_INO,
         };
-        self.store.commit(
+        self.commit(
             &[cond(inode_key(ROOT_INO), 0), cond(NEXT_INO_KEY.to_string(), 0)],
             &[put(inode_key(ROOT_INO), &root), Mutation::Put { key: NEXT_INO_KEY.to_string(), value: b"2".to_vec() }, put(CONFIG_KEY.to_string(), &config)],
         )?;
@@ -514,7 +618,9 @@ impl Namespace {
         validate_name(name)?;
         // Only directories hold entries: the parent is looked at only when there is none.
         let Some((entry, _)) = self.entry(parent, name)? else {
-            self.directory(parent)?;
+            // An inode's kind never changes: a directory known as one still is one (or is gone,
+            // and then the name is not found either).
+            self.directory_for_change(parent)?;
             return Err(NamespaceError::NotFound { what: format!("{name:?} in directory {parent}") });
         };
         self.inode(entry.ino)
@@ -530,11 +636,21 @@ impl Namespace {
             .collect()
     }
 
-    /// The inode number a new inode takes, and the revision of the counter.
-    fn next_ino(&self) -> Result<(u64, u64), NamespaceError> {
-        let next = self.store.get(NEXT_INO_KEY)?.ok_or_else(|| NamespaceError::NotFound { what: "the filesystem (run mount once to create it)".into() })?;
-        let ino = String::from_utf8_lossy(&next.value).parse().map_err(|_| MetadataError::Malformed { key: NEXT_INO_KEY.into(), reason: "not a number".into() })?;
-        Ok((ino, next.revision))
+    /// An inode number for a new inode: from this client's reserved batch, reserving the next
+    /// [`INO_BATCH`] numbers of the filesystem's counter when it is used up. Numbers a client
+    /// reserved and never used (it stopped) are simply skipped.
+    fn allocate_ino(&self) -> Result<u64, NamespaceError> {
+        let mut free = self.free_inos.lock().expect("free inode numbers");
+        if free.is_empty() {
+            *free = retry("the inode number counter", || {
+                let next = self.store.get(NEXT_INO_KEY)?.ok_or_else(|| NamespaceError::NotFound { what: "the filesystem (run mount once to create it)".into() })?;
+                let first: u64 = String::from_utf8_lossy(&next.value).parse().map_err(|_| MetadataError::Malformed { key: NEXT_INO_KEY.into(), reason: "not a number".into() })?;
+                let end = first.checked_add(INO_BATCH).ok_or_else(|| NamespaceError::Invalid("inode numbers are used up".into()))?;
+                let reserved = self.commit(&[cond(NEXT_INO_KEY.into(), next.revision)], &[Mutation::Put { key: NEXT_INO_KEY.into(), value: end.to_string().into_bytes() }])?;
+                Ok(reserved.then_some(first..end))
+            })?;
+        }
+        Ok(free.next().expect("a reserved inode number"))
     }
 
     /// Creates a file, directory or symlink `name` in `parent`.
@@ -569,9 +685,9 @@ impl Namespace {
             return Err(NamespaceError::Invalid("a symlink target must be 1 to 4095 bytes".into()));
         }
         retry(name, || {
-            let (mut dir, dir_rev) = self.directory(parent)?;
+            let (mut dir, dir_rev) = self.directory_for_change(parent)?;
             // The name must be free: the commit is conditioned on it, and looks only if it fails.
-            let (ino, next_rev) = self.next_ino()?;
+            let ino = self.allocate_ino()?;
             let now = Timestamp::now();
             let inode = Inode {
                 ino,
@@ -593,9 +709,8 @@ impl Namespace {
             if kind == InodeKind::Directory {
                 dir.nlink += 1;
             }
-            let mut conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0), cond(NEXT_INO_KEY.into(), next_rev)];
+            let mut conditions = vec![cond(inode_key(parent), dir_rev), cond(dirent_key(parent, name), 0)];
             let mut mutations = vec![
-                Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
                 put(inode_key(ino), &inode),
                 put(dirent_key(parent, name), &DirEntry { ino, kind }),
                 put(inode_key(parent), &dir),
@@ -605,12 +720,15 @@ impl Namespace {
                 conditions.push(cond(lease_key(ino), 0));
                 mutations.push(put(lease_key(ino), lease));
             }
-            let Some(revision) = self.store.commit_at(&conditions, &mutations)? else {
+            let Some(revision) = self.commit_at(&conditions, &mutations)? else {
                 if self.entry(parent, name)?.is_some() {
                     return Err(NamespaceError::Exists { parent, name: name.to_string() });
                 }
+                self.forget(parent);
                 return Ok(None);
             };
+            self.remember(&dir, revision);
+            self.remember(&inode, revision);
             // The lease's revision (the commit's) guards this writer's later changes.
             let held = lease.map(|lease| HeldLease { ino, epoch: lease.epoch, revision });
             Ok(Some((inode.clone(), held)))
@@ -634,7 +752,7 @@ impl Namespace {
             inode.ctime = now;
             dir.mtime = now;
             dir.ctime = now;
-            let committed = self.store.commit(
+            let committed = self.commit(
                 &[cond(inode_key(ino), rev), cond(inode_key(newparent), dir_rev), cond(dirent_key(newparent, newname), 0)],
                 &[put(inode_key(ino), &inode), put(inode_key(newparent), &dir), put(dirent_key(newparent, newname), &DirEntry { ino, kind: inode.kind })],
             )?;
@@ -763,7 +881,7 @@ impl Namespace {
                 } else {
                     step.chunks = self.release_chunk_records(ino, &chunks[chunks.len() - MAX_CHUNKS_PER_COMMIT..], &mut conditions, &mut mutations)?;
                 }
-                if !self.store.commit(&conditions, &mutations)? {
+                if !self.commit(&conditions, &mutations)? {
                     return Ok(None);
                 }
                 removed.chunks.extend(step.chunks);
@@ -806,7 +924,7 @@ impl Namespace {
             self.unlink_changes(&inode, now, &mut removed, keep_open, &mut conditions, &mut mutations)?;
             mutations.push(Mutation::Delete { key: dirent_key(parent, name) });
             mutations.push(put(inode_key(parent), &dir));
-            Ok(self.store.commit(&conditions, &mutations)?.then_some(removed))
+            Ok(self.commit(&conditions, &mutations)?.then_some(removed))
         })
         .map(|removed| self.finish_removal(removed))
     }
@@ -886,7 +1004,7 @@ impl Namespace {
             }
             mutations.push(Mutation::Delete { key: dirent_key(parent, name) });
             mutations.push(put(dirent_key(newparent, newname), &entry));
-            Ok(self.store.commit(&conditions, &mutations)?.then_some(removed))
+            Ok(self.commit(&conditions, &mutations)?.then_some(removed))
         })
         .map(|removed| self.finish_removal(removed))
     }
@@ -927,7 +1045,7 @@ impl Namespace {
     /// chmod, chown, utimes.
     pub fn set_attributes(&self, ino: u64, changes: &AttrChanges) -> Result<Inode, NamespaceError> {
         retry(&format!("inode {ino}"), || {
-            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            let (mut inode, rev) = self.inode_for_change(ino)?;
             if changes.kill_suidgid && changes.mode.is_none() && inode.kind != InodeKind::Directory {
                 inode.mode = mode_without_suidgid(inode.mode);
             }
@@ -947,7 +1065,12 @@ impl Namespace {
                 inode.mtime = t;
             }
             inode.ctime = Timestamp::now();
-            Ok(self.store.commit(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])?.then_some(inode.clone()))
+            let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])? else {
+                self.forget(ino);
+                return Ok(None);
+            };
+            self.remember(&inode, revision);
+            Ok(Some(inode.clone()))
         })
     }
 
@@ -961,7 +1084,7 @@ impl Namespace {
             let (mut inode, rev) = self.inode_with_revision(ino)?;
             inode.replicas = copies;
             inode.ctime = Timestamp::now();
-            Ok(self.store.commit(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])?.then_some(inode.clone()))
+            Ok(self.commit(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])?.then_some(inode.clone()))
         })
     }
 
@@ -969,16 +1092,18 @@ impl Namespace {
     pub fn set_size(&self, lease: &HeldLease, size: u64, mtime: Option<Timestamp>) -> Result<Inode, NamespaceError> {
         let ino = lease.ino;
         retry(&format!("inode {ino}"), || {
-            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            let (mut inode, rev) = self.inode_for_change(ino)?;
             inode.size = size;
             let now = Timestamp::now();
             inode.mtime = mtime.unwrap_or(now);
             inode.ctime = now;
-            let committed = self.store.commit(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &[put(inode_key(ino), &inode)])?;
-            if !committed {
+            let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &[put(inode_key(ino), &inode)])? else {
+                self.forget(ino);
                 self.check_lease(lease)?;
-            }
-            Ok(committed.then_some(inode.clone()))
+                return Ok(None);
+            };
+            self.remember(&inode, revision);
+            Ok(Some(inode.clone()))
         })
     }
 
@@ -989,19 +1114,18 @@ impl Namespace {
         let ino = lease.ino;
         let released = WriteLease { holder: None, epoch: lease.epoch };
         retry(&format!("inode {ino}"), || {
-            let (mut inode, rev) = self.inode_with_revision(ino)?;
+            let (mut inode, rev) = self.inode_for_change(ino)?;
             inode.size = size;
             let now = Timestamp::now();
             inode.mtime = now;
             inode.ctime = now;
-            let committed = self.store.commit(
-                &[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)],
-                &[put(inode_key(ino), &inode), put(lease_key(ino), &released)],
-            )?;
-            if !committed {
+            let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &[put(inode_key(ino), &inode), put(lease_key(ino), &released)])? else {
+                self.forget(ino);
                 self.check_lease(lease)?;
-            }
-            Ok(committed.then_some(()))
+                return Ok(None);
+            };
+            self.remember(&inode, revision);
+            Ok(Some(()))
         })
     }
 
@@ -1029,7 +1153,7 @@ impl Namespace {
                 _ => {}
             }
             let new = WriteLease { holder: Some(holder.to_string()), epoch: lease.epoch + 1 };
-            let committed = self.store.commit_at(&[cond(lease_key(ino), rev), cond(inode_key(ino), self.inode_with_revision(ino)?.1)], &[put(lease_key(ino), &new)])?;
+            let committed = self.commit_at(&[cond(lease_key(ino), rev), cond(inode_key(ino), self.inode_with_revision(ino)?.1)], &[put(lease_key(ino), &new)])?;
             Ok(committed.map(|revision| HeldLease { ino, epoch: new.epoch, revision }))
         })
     }
@@ -1037,7 +1161,7 @@ impl Namespace {
     /// Gives the lease up (keeping its epoch), if it is still ours.
     pub fn release_lease(&self, lease: &HeldLease) -> Result<(), NamespaceError> {
         let released = WriteLease { holder: None, epoch: lease.epoch };
-        self.store.commit(&[cond(lease_key(lease.ino), lease.revision)], &[put(lease_key(lease.ino), &released)])?;
+        self.commit(&[cond(lease_key(lease.ino), lease.revision)], &[put(lease_key(lease.ino), &released)])?;
         Ok(())
     }
 
@@ -1061,7 +1185,7 @@ impl Namespace {
     /// `expected_revision` (0: absent). Returns the new record revision, or `None` on a conflict.
     pub fn put_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, NamespaceError> {
         let key = chunk_key(lease.ino, index);
-        let committed = self.store.commit_at(&[cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)], &[put(key, chunk)])?;
+        let committed = self.commit_at(&[cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)], &[put(key, chunk)])?;
         if committed.is_none() {
             self.check_lease(lease)?;
         }
@@ -1083,7 +1207,7 @@ impl Namespace {
                 let mut mutations = Vec::new();
                 let batch = &doomed[doomed.len().saturating_sub(MAX_CHUNKS_PER_COMMIT)..];
                 let step_freed = self.release_chunk_records(lease.ino, batch, &mut conditions, &mut mutations)?;
-                if !self.store.commit(&conditions, &mutations)? {
+                if !self.commit(&conditions, &mutations)? {
                     self.check_lease(lease)?;
                     return Ok(None);
                 }
@@ -1179,19 +1303,17 @@ impl Namespace {
                 if self.entry(newparent, newname)?.is_some() {
                     return Err(NamespaceError::Exists { parent: newparent, name: newname.to_string() });
                 }
-                let (ino, next_rev) = self.next_ino()?;
+                let ino = self.allocate_ino()?;
                 let inode = new_inode(&src, &dir, ino, 1);
                 dir.mtime = inode.ctime;
                 dir.ctime = inode.ctime;
                 let mut conditions = vec![
                     cond(inode_key(newparent), dir_rev),
                     cond(dirent_key(newparent, newname), 0),
-                    cond(NEXT_INO_KEY.into(), next_rev),
                     cond(inode_key(source.ino), src_rev),
                     cond(lease_key(source.ino), source.revision),
                 ];
                 let mut mutations = vec![
-                    Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() },
                     put(inode_key(ino), &inode),
                     put(dirent_key(newparent, newname), &DirEntry { ino, kind: InodeKind::File }),
                     put(inode_key(newparent), &dir),
@@ -1201,7 +1323,7 @@ impl Namespace {
                     return Err(NamespaceError::Contended { what: format!("chunks of inode {}", source.ino) });
                 }
                 self.share_chunk_records(source.ino, &chunks, ino, 0, &mut conditions, &mut mutations)?;
-                if !self.store.commit(&conditions, &mutations)? {
+                if !self.commit(&conditions, &mutations)? {
                     self.check_lease(source)?;
                     return Ok(None);
                 }
@@ -1213,12 +1335,9 @@ impl Namespace {
         let unnamed = retry(newname, || {
             let src = self.inode(source.ino)?;
             let (dir, _) = self.directory(newparent)?;
-            let (ino, next_rev) = self.next_ino()?;
+            let ino = self.allocate_ino()?;
             let inode = new_inode(&src, &dir, ino, 0);
-            let committed = self.store.commit(
-                &[cond(NEXT_INO_KEY.into(), next_rev), cond(lease_key(source.ino), source.revision)],
-                &[Mutation::Put { key: NEXT_INO_KEY.into(), value: (ino + 1).to_string().into_bytes() }, put(inode_key(ino), &inode)],
-            )?;
+            let committed = self.commit(&[cond(lease_key(source.ino), source.revision)], &[put(inode_key(ino), &inode)])?;
             if !committed {
                 self.check_lease(source)?;
             }
@@ -1234,7 +1353,7 @@ impl Namespace {
                 inode.nlink = 1;
                 dir.mtime = inode.ctime;
                 dir.ctime = inode.ctime;
-                let committed = self.store.commit(
+                let committed = self.commit(
                     &[cond(inode_key(newparent), dir_rev), cond(dirent_key(newparent, newname), 0), cond(inode_key(inode.ino), inode_rev)],
                     &[put(inode_key(inode.ino), &inode), put(dirent_key(newparent, newname), &DirEntry { ino: inode.ino, kind: InodeKind::File }), put(inode_key(newparent), &dir)],
                 )?;
@@ -1262,7 +1381,7 @@ impl Namespace {
                 let mut conditions = vec![cond(lease_key(source.ino), source.revision)];
                 let mut mutations = Vec::new();
                 self.share_chunk_records(source.ino, &records, target, 0, &mut conditions, &mut mutations)?;
-                if !self.store.commit(&conditions, &mutations)? {
+                if !self.commit(&conditions, &mutations)? {
                     self.check_lease(source)?;
                     return Ok(None);
                 }
@@ -1291,7 +1410,7 @@ impl Namespace {
             let mut conditions = vec![cond(lease_key(source.ino), source.revision), cond(lease_key(target.ino), target.revision)];
             let mut mutations = Vec::new();
             self.share_chunk_records(source.ino, &records, target.ino, shift, &mut conditions, &mut mutations)?;
-            if !self.store.commit(&conditions, &mutations)? {
+            if !self.commit(&conditions, &mutations)? {
                 self.check_lease(source)?;
                 self.check_lease(target)?;
                 return Ok(None);
@@ -1315,7 +1434,7 @@ impl Namespace {
         let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)];
         let mut mutations = vec![put(key, copy)];
         sharing.finish(&mut conditions, &mut mutations);
-        let committed = self.store.commit_at(&conditions, &mutations)?;
+        let committed = self.commit_at(&conditions, &mutations)?;
         if committed.is_none() {
             self.check_lease(lease)?;
         }
@@ -1341,7 +1460,7 @@ impl Namespace {
                 _ => return Ok(None), // changed meanwhile
             }
         }
-        let committed = self.store.commit_at(&conditions, &mutations)?;
+        let committed = self.commit_at(&conditions, &mutations)?;
         if committed.is_none() {
             self.check_lease(lease)?;
         }
@@ -1373,7 +1492,7 @@ impl Namespace {
                 _ => {}
             }
             inode.ctime = Timestamp::now();
-            let committed = self.store.commit(
+            let committed = self.commit(
                 &[cond(inode_key(ino), inode_rev), cond(key.clone(), existing.map(|v| v.revision).unwrap_or(0))],
                 &[Mutation::Put { key, value: value.to_vec() }, put(inode_key(ino), &inode)],
             )?;
@@ -1403,7 +1522,7 @@ impl Namespace {
             let key = xattr_key(ino, name);
             let Some(existing) = self.store.get(&key)? else { return Err(NamespaceError::NoAttribute { ino, name: name.to_string() }) };
             inode.ctime = Timestamp::now();
-            let committed = self.store.commit(
+            let committed = self.commit(
                 &[cond(inode_key(ino), inode_rev), cond(key.clone(), existing.revision)],
                 &[Mutation::Delete { key }, put(inode_key(ino), &inode)],
             )?;
@@ -1429,7 +1548,7 @@ impl Namespace {
                 return Ok(Some(()));
             }
             let mutation = if next.is_empty() { Mutation::Delete { key: locks_key(ino) } } else { put(locks_key(ino), &next) };
-            Ok(self.store.commit(&[cond(locks_key(ino), rev)], &[mutation])?.then_some(()))
+            Ok(self.commit(&[cond(locks_key(ino), rev)], &[mutation])?.then_some(()))
         })
     }
 
@@ -1461,6 +1580,54 @@ mod tests {
 
     fn file(ns: &Namespace, parent: u64, name: &str) -> Inode {
         ns.create(parent, name, InodeKind::File, 0o644, 0, 0, None).unwrap()
+    }
+
+    /// Two clients of one store, as two nodes.
+    fn two_clients() -> (Namespace, Namespace) {
+        let store: Arc<dyn MetadataStore> = Arc::new(MemoryMetadata::new());
+        let a = Namespace::new(store.clone());
+        a.init(3, FsConfig { chunk_size: 1 << 20 }).unwrap();
+        (a, Namespace::new(store))
+    }
+
+    #[test]
+    fn a_change_from_a_stale_known_inode_is_redone_on_the_current_one() {
+        let (a, b) = two_clients();
+        let f = file(&a, ROOT_INO, "f");
+        // `a` knows f from its creation; `b` changes it behind its back.
+        b.set_attributes(f.ino, &AttrChanges { mode: Some(0o600), ..AttrChanges::default() }).unwrap();
+        let t = Timestamp { secs: 1_000_000, nanos: 0 };
+        let changed = a.set_attributes(f.ino, &AttrChanges { mtime: Some(t), ..AttrChanges::default() }).unwrap();
+        assert_eq!((changed.mode, changed.mtime), (0o600, t), "a's change lost b's");
+        let stored = b.inode(f.ino).unwrap();
+        assert_eq!((stored.mode, stored.mtime), (0o600, t));
+        // A directory `a` knows from an earlier create still takes a's next create after `b`
+        // created a file in it.
+        file(&b, ROOT_INO, "g");
+        file(&a, ROOT_INO, "h");
+        let names: Vec<String> = a.read_dir(ROOT_INO).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["f", "g", "h"]);
+    }
+
+    #[test]
+    fn clients_take_inode_numbers_from_batches_of_their_own() {
+        let (a, b) = two_clients();
+        let mut inos: Vec<u64> = (0..5).flat_map(|i| [file(&a, ROOT_INO, &format!("a{i}")).ino, file(&b, ROOT_INO, &format!("b{i}")).ino]).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        assert_eq!(inos.len(), 10, "two clients handed out one inode number twice");
+        assert!(!inos.contains(&ROOT_INO));
+    }
+
+    #[test]
+    fn getattr_answers_from_what_this_client_committed_within_the_ttl() {
+        let (a, b) = two_clients();
+        let f = file(&a, ROOT_INO, "f");
+        b.set_attributes(f.ino, &AttrChanges { mode: Some(0o600), ..AttrChanges::default() }).unwrap();
+        // Within the TTL `a` answers from its own commit, as the kernel's cache would.
+        assert_eq!(a.inode_at_most(f.ino, Duration::from_secs(3600)).unwrap().mode, 0o644);
+        // Past it, `a` reads.
+        assert_eq!(a.inode_at_most(f.ino, Duration::ZERO).unwrap().mode, 0o600);
     }
 
     #[test]

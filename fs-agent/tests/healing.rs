@@ -216,8 +216,8 @@ fn heal_repairs_the_corrupt_blocks_a_scrub_found() {
     let server = fs.servers.iter().find(|s| s.addr == bad).unwrap();
     let disk = fs::OpenOptions::new().read(true).write(true).open(ChunkStore::data_path(&server.data, chunk.chunk_id)).unwrap();
     let mut byte = [0u8; 1];
-    disk.read_exact_at(&mut byte, 200_000).unwrap();
-    disk.write_all_at(&[byte[0] ^ 0x5a], 200_000).unwrap();
+    disk.read_exact_at(&mut byte, ChunkStore::disk_offset(200_000)).unwrap();
+    disk.write_all_at(&[byte[0] ^ 0x5a], ChunkStore::disk_offset(200_000)).unwrap();
     disk.sync_all().unwrap();
     let client = fs.chunk_client();
     let scrub_lists = |corrupt: bool| match client.call(&bad, &ChunkRequest::ScrubReport) {

@@ -80,8 +80,8 @@ fn a_corrupt_block_is_detected_served_from_another_replica_and_repaired() {
     let path = ChunkStore::data_path(&server.data, chunk.chunk_id);
     let disk = OpenOptions::new().read(true).write(true).open(&path).unwrap();
     let mut byte = [0u8; 1];
-    disk.read_exact_at(&mut byte, 70_000).unwrap();
-    disk.write_all_at(&[byte[0] ^ 0xff], 70_000).unwrap();
+    disk.read_exact_at(&mut byte, ChunkStore::disk_offset(70_000)).unwrap();
+    disk.write_all_at(&[byte[0] ^ 0xff], ChunkStore::disk_offset(70_000)).unwrap();
     disk.sync_all().unwrap();
 
     // The corrupt replica refuses to serve the block...

@@ -69,6 +69,8 @@ pub struct ChunkServer {
 pub struct Mount {
     pub path: PathBuf,
     pub node_id: String,
+    /// Extra arguments of its `mount` command.
+    pub extra_args: Vec<String>,
     process: Option<Child>,
 }
 
@@ -187,10 +189,16 @@ impl TestFs {
 
     /// Mounts the filesystem on a new mount point, as a new node, and waits until it serves.
     pub fn mount(&mut self) -> PathBuf {
+        self.mount_with(&[])
+    }
+
+    /// [`TestFs::mount`] with extra arguments for `fs-agent mount`.
+    pub fn mount_with(&mut self, extra_args: &[&str]) -> PathBuf {
         let i = self.mounts.len();
         let path = self.dir.path().join(format!("mnt-{i}"));
         std::fs::create_dir_all(&path).unwrap();
-        self.mounts.push(Mount { path: path.clone(), node_id: format!("node-{i}"), process: None });
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        self.mounts.push(Mount { path: path.clone(), node_id: format!("node-{i}"), extra_args, process: None });
         self.start_mount(i);
         path
     }
@@ -210,8 +218,12 @@ impl TestFs {
         let heal_interval = self.mount_heal_interval_secs.to_string();
         let mount = &mut self.mounts[i];
         let path = mount.path.clone();
+        let chunk_size = CHUNK_SIZE.to_string();
+        let mut args = vec!["mount", "--meta", &self.meta, "--chunk-size", &chunk_size, "--threads", "4", "--heal-interval-secs", &heal_interval, "--node-id", &mount.node_id];
+        args.extend(mount.extra_args.iter().map(String::as_str));
+        args.push(path.to_str().unwrap());
         let child = spawn_with(
-            &["mount", "--meta", &self.meta, "--chunk-size", &CHUNK_SIZE.to_string(), "--threads", "4", "--heal-interval-secs", &heal_interval, "--node-id", &mount.node_id, path.to_str().unwrap()],
+            &args,
             &log,
             self.meta_ca.as_deref(),
             self.client_tls_dir.as_deref(),
