@@ -4,10 +4,11 @@
 //! `min_copies` hold the data. Reads go to one current replica (version checked by the server,
 //! every block's crc verified) and move to the next one on any failure.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::aligned_buffer::AlignedBuffer;
 use crate::chunk_client::{ChunkClient, ChunkClientError};
 use crate::chunk_protocol::{ChunkFailure, ChunkRequest, ChunkResponse};
 use crate::chunk_store::BLOCK_SIZE;
@@ -80,6 +81,8 @@ pub struct FileData {
     /// The servers new chunks may go to, with their free space or why they did not answer,
     /// and when they were asked ([`PLACEMENT_ANSWERS_TTL`]).
     placement_answers: Mutex<Option<(Instant, PlacementAnswers)>>,
+    /// The servers marked draining, and when that was looked up ([`FileData::draining`]).
+    draining: Mutex<Option<(Instant, BTreeSet<String>)>>,
     /// Files this client created and holds the lease of since: they have no chunk records
     /// but those in `leased_chunks`, so allocating one needs no look in the store first.
     new_files: Mutex<std::collections::HashSet<u64>>,
@@ -114,6 +117,7 @@ impl FileData {
             leased_chunks: Mutex::new(HashMap::new()),
             local_server: None,
             placement_answers: Mutex::new(None),
+            draining: Mutex::new(None),
             new_files: Mutex::new(Default::default()),
             placed_from_old_answers: Mutex::new(Default::default()),
         }
@@ -215,7 +219,7 @@ impl FileData {
                     }
                     self.reserve_chunk_on(&placed);
                     let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
-                    match self.namespace.put_chunk(lease, index, &chunk, 0)? {
+                    match self.put_new_chunk(lease, index, &chunk, 0)? {
                         Some(rev) => {
                             if answers_were_kept {
                                 self.placed_from_old_answers.lock().expect("placed chunks").insert((lease.ino, index));
@@ -223,7 +227,8 @@ impl FileData {
                             (chunk, rev)
                         }
                         // Another thread of this client allocated it first (or a clone put
-                        // chunks into this new file): look in the store from now on.
+                        // chunks into this new file, or a chosen server is draining now):
+                        // look in the store from now on, and place again if still absent.
                         None => {
                             self.new_files.lock().expect("new files").remove(&lease.ino);
                             continue;
@@ -282,8 +287,9 @@ impl FileData {
     /// with ENOSPC, which marks them stale). Draining servers get no new chunks. Also returns
     /// why the others did not answer.
     fn placement_candidates(&self, copies: u32) -> Result<(Vec<String>, Vec<String>), DataError> {
-        // Draining is looked up every time: a drained server must get no new chunk at once.
-        let draining = crate::servers::draining(&self.namespace)?;
+        // Draining servers as looked up with the answers: a server drained since is caught
+        // by the condition of the new chunk's commit (see `put_new_chunk`).
+        let draining = self.draining()?;
         let answers: PlacementAnswers = self.placement_answers()?.into_iter().filter(|(s, _)| !draining.contains(s)).collect();
         if answers.is_empty() {
             return Err(DataError::NoServers);
@@ -337,8 +343,36 @@ impl FileData {
         }
     }
 
-    /// The next chunk allocation asks the servers again (one failed or was full).
+    /// The servers marked draining, looked up at most every [`PLACEMENT_ANSWERS_TTL`].
+    fn draining(&self) -> Result<BTreeSet<String>, DataError> {
+        if let Some((asked, draining)) = &*self.draining.lock().expect("draining servers") {
+            if asked.elapsed() < PLACEMENT_ANSWERS_TTL {
+                return Ok(draining.clone());
+            }
+        }
+        let draining = crate::servers::draining(&self.namespace)?;
+        *self.draining.lock().expect("draining servers") = Some((Instant::now(), draining.clone()));
+        Ok(draining)
+    }
+
+    /// Records the newly placed `chunk` as chunk `index` (at `expected_revision`) unless one of
+    /// its servers was marked draining since [`FileData::draining`] looked: a drained server
+    /// gets no new chunk, even from a client that looked before the drain. `None`: the record
+    /// changed or a server is draining now; the answers are forgotten and the caller places
+    /// again.
+    fn put_new_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, DataError> {
+        let guards: Vec<String> = chunk.replicas.iter().map(|r| crate::servers::draining_key(&r.server)).collect();
+        let recorded = self.namespace.put_chunk_unless(lease, index, chunk, expected_revision, &guards)?;
+        if recorded.is_none() {
+            self.forget_placement_answers();
+        }
+        Ok(recorded)
+    }
+
+    /// The next chunk allocation asks the servers again (one failed or was full), and looks
+    /// up which are draining.
     fn forget_placement_answers(&self) {
+        *self.draining.lock().expect("draining servers") = None;
         *self.placement_answers.lock().expect("placement answers") = None;
     }
 
@@ -498,7 +532,7 @@ impl FileData {
         self.reserve_chunk_on(&placed);
         let moved = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
         self.forget_cached(lease.ino, index);
-        if let Some(rev) = self.namespace.put_chunk(lease, index, &moved, revision)? {
+        if let Some(rev) = self.put_new_chunk(lease, index, &moved, revision)? {
             self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), (moved, rev));
             self.delete_replicas(std::slice::from_ref(chunk));
         }
@@ -506,12 +540,14 @@ impl FileData {
     }
 
     /// Reads up to `len` bytes at `offset` of a file of `size` bytes.
-    pub fn read(&self, ino: u64, size: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<Vec<u8>, DataError> {
+    /// The buffer is aligned for direct I/O, so a large read of the local replica goes from
+    /// the disk straight into it.
+    pub fn read(&self, ino: u64, size: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<AlignedBuffer, DataError> {
         if offset >= size {
-            return Ok(vec![]);
+            return Ok(AlignedBuffer::zeroed(0));
         }
         let len = len.min(size - offset);
-        let mut out = vec![0u8; len as usize];
+        let mut out = AlignedBuffer::zeroed(len as usize);
         let mut done = 0u64;
         while done < len {
             let position = offset + done;

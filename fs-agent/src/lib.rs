@@ -16,6 +16,7 @@
 //!
 //! See docs/fs-agent.md.
 
+pub mod aligned_buffer;
 pub mod chunk_client;
 pub mod chunk_protocol;
 pub mod chunk_server;

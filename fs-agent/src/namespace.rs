@@ -1184,8 +1184,16 @@ impl Namespace {
     /// Records `chunk` as chunk `index` of the leased file if its record is still at
     /// `expected_revision` (0: absent). Returns the new record revision, or `None` on a conflict.
     pub fn put_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, NamespaceError> {
+        self.put_chunk_unless(lease, index, chunk, expected_revision, &[])
+    }
+
+    /// [`Namespace::put_chunk`], also conditioned on every key of `absent_keys` being absent
+    /// (a new chunk's servers not marked draining meanwhile).
+    pub fn put_chunk_unless(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64, absent_keys: &[String]) -> Result<Option<u64>, NamespaceError> {
         let key = chunk_key(lease.ino, index);
-        let committed = self.commit_at(&[cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)], &[put(key, chunk)])?;
+        let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)];
+        conditions.extend(absent_keys.iter().map(|k| cond(k.clone(), 0)));
+        let committed = self.commit_at(&conditions, &[put(key, chunk)])?;
         if committed.is_none() {
             self.check_lease(lease)?;
         }

@@ -91,8 +91,13 @@ pub fn draining(ns: &Namespace) -> Result<BTreeSet<String>, NamespaceError> {
     Ok(list::<DrainRecord>(ns, DRAINING_PREFIX)?.into_keys().collect())
 }
 
+/// The key whose presence marks `addr` draining.
+pub fn draining_key(addr: &str) -> String {
+    format!("{DRAINING_PREFIX}{addr}")
+}
+
 pub fn set_draining(ns: &Namespace, addr: &str, draining: bool) -> Result<(), NamespaceError> {
-    let key = format!("{DRAINING_PREFIX}{addr}");
+    let key = draining_key(addr);
     if draining {
         put(ns, key, json(&DrainRecord { since_unix_secs: unix_now() }))
     } else {

@@ -221,7 +221,7 @@ fn heal_repairs_the_corrupt_blocks_a_scrub_found() {
     disk.sync_all().unwrap();
     let client = fs.chunk_client();
     let scrub_lists = |corrupt: bool| match client.call(&bad, &ChunkRequest::ScrubReport) {
-        Ok(ChunkResponse::Scrub(report)) => report.passes > 0 && report.corrupt_blocks.contains(&(chunk.chunk_id, 3)) == corrupt,
+        Ok(ChunkResponse::Scrub(report)) => report.passes > 0 && report.corrupt_blocks.contains(&(chunk.chunk_id, 200_000 / fs_agent::chunk_store::BLOCK_SIZE)) == corrupt,
         _ => false,
     };
     common::wait_until("the scrub to report the corrupt block", std::time::Duration::from_secs(60), || scrub_lists(true));

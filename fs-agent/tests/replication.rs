@@ -10,7 +10,7 @@ use common::{pattern, TestFs, CHUNK_SIZE};
 use fs_agent::chunk_client::{ChunkClient, ChunkClientError};
 use fs_agent::chunk_protocol::{ChunkFailure, ChunkRequest, ChunkResponse};
 use std::time::Duration;
-use fs_agent::chunk_store::ChunkStore;
+use fs_agent::chunk_store::{ChunkStore, BLOCK_SIZE};
 use fs_agent::namespace::resolve_path;
 
 #[test]
@@ -55,11 +55,11 @@ fn writes_survive_a_chunk_server_killed_mid_stream() {
     assert_eq!(fs::read(third.join("vm.img")).unwrap(), data);
 }
 
-/// Whether the last scrub pass of `server` listed block 1 of `chunk_id` as corrupt (`corrupt`)
+/// Whether the last scrub pass of `server` listed the block of byte 70 000 of `chunk_id` as corrupt (`corrupt`)
 /// or, after at least one pass, as clean.
 fn scrub_lists(server: &str, chunk_id: u64, corrupt: bool) -> bool {
     match ChunkClient::new().call(server, &ChunkRequest::ScrubReport) {
-        Ok(ChunkResponse::Scrub(report)) => report.passes > 0 && report.corrupt_blocks.contains(&(chunk_id, 1)) == corrupt,
+        Ok(ChunkResponse::Scrub(report)) => report.passes > 0 && report.corrupt_blocks.contains(&(chunk_id, 70_000 / BLOCK_SIZE)) == corrupt,
         _ => false,
     }
 }
@@ -88,7 +88,7 @@ fn a_corrupt_block_is_detected_served_from_another_replica_and_repaired() {
     let client = ChunkClient::new();
     let read = ChunkRequest::Read { chunk_id: chunk.chunk_id, version: chunk.version, offset: 0, len: data.len() as u64 };
     match client.call(&first, &read) {
-        Err(ChunkClientError::Refused { failure: ChunkFailure::Corrupt { block: 1, .. }, .. }) => {}
+        Err(ChunkClientError::Refused { failure: ChunkFailure::Corrupt { block, .. }, .. }) if block == 70_000 / BLOCK_SIZE => {}
         other => panic!("expected a crc error from {first}, got {other:?}"),
     }
     // The background scrub finds it too.
