@@ -10,7 +10,9 @@
 //!   and a punched block is deallocated. Since a chunk's bytes and crcs share one file, one
 //!   fdatasync of it makes both durable together;
 //! - `chunks/<chunk_id>.version`: the chunk version (decimal), the newest this replica holds;
-//! - `epochs/<file_id>`: the newest write-lease epoch seen for that file (fencing).
+//!   absent for a replica still at its first version (1), whose data file is enough;
+//! - `epochs/<file_id>`: the newest write-lease epoch seen for that file (fencing), once it is
+//!   above the first (1).
 //!
 //! Pure block arithmetic lives in [`block_span`] and [`block_crc`]; the rest is thin file I/O.
 
@@ -28,6 +30,11 @@ const PREFETCH_AFTER_READS_OF: u64 = 256 * 1024;
 const PREFETCH_READS: u64 = 4;
 /// Reads of at least this many bytes into a buffer aligned for it bypass the page cache.
 const DIRECT_READS_OF: u64 = 256 * 1024;
+
+/// The epoch of a file's first write lease, which a chunk server never needs to record.
+const FIRST_EPOCH: u64 = 1;
+/// The version of a new chunk, which a replica's data file has without a `.version` file.
+const FIRST_VERSION: u64 = 1;
 
 /// Size of a checksummed block: a page, so a 4 KiB write (a VE's filesystem block) replaces
 /// whole blocks and needs no read of the block around it.
@@ -306,7 +313,10 @@ impl ChunkStore {
         if epoch < newest {
             return Err(ChunkStoreError::StaleEpoch { file_id, epoch, newest });
         }
-        if epoch > newest {
+        // A file's first lease has epoch 1 and no write carries a lower one, so epoch 1 needs
+        // no record: an unrecorded file already refuses nothing. (A new file's first write
+        // thus creates no epoch file.)
+        if epoch > newest && epoch > FIRST_EPOCH {
             write_replacing(&self.epoch_path(file_id), epoch.to_string().as_bytes())?;
             epochs.insert(file_id, epoch);
             self.write_side.lock().expect("write side").unsynced_epochs.insert(file_id);
@@ -321,7 +331,12 @@ impl ChunkStore {
     /// Sets the replica's version, durable only at the chunk's next sync (see [`WriteSide`]).
     /// The caller holds the chunk's lock exclusively.
     fn set_version(&self, chunk_id: u64, version: u64) -> Result<(), ChunkStoreError> {
-        write_replacing(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+        // Version 1 is what a data file without a `.version` file has (see
+        // [`ChunkStore::version`]): a new chunk's first write creates no version file. It is
+        // still listed unsynced, so its sync makes the new data file's name durable.
+        if version != FIRST_VERSION || self.path(chunk_id, "version").exists() {
+            write_replacing(&self.path(chunk_id, "version"), version.to_string().as_bytes())?;
+        }
         let mut side = self.write_side.lock().expect("write side");
         side.versions.insert(chunk_id, version);
         side.unsynced_versions.insert(chunk_id);
@@ -406,7 +421,15 @@ impl ChunkStore {
         let path = self.path(chunk_id, "version");
         let version = match fs::read_to_string(&path) {
             Ok(text) => text.trim().parse().unwrap_or(0),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            // No version file: a chunk's first version if it has data (its first write
+            // created none), no replica at all if not.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if self.path(chunk_id, "data").exists() {
+                    FIRST_VERSION
+                } else {
+                    0
+                }
+            }
             Err(e) => return Err(io_at(&path)(e)),
         };
         Ok(*self.write_side.lock().expect("write side").versions.entry(chunk_id).or_insert(version))
@@ -756,7 +779,18 @@ impl ChunkStore {
             return Err(ChunkStoreError::VersionMismatch { chunk_id: from, local, expected: from_version });
         }
         let to_data_path = self.path(to, "data");
-        let to_data = File::create(&to_data_path).map_err(io_at(&to_data_path))?;
+        let copied = self.copy_data(from, &to_data_path);
+        if copied.is_err() {
+            // A data file alone reads as a replica at the first version: none of a failed copy.
+            let _ = fs::remove_file(&to_data_path);
+        }
+        copied?;
+        self.set_version_durably(to, version)
+    }
+
+    /// Copies the data file of `from` (its non-zero blocks, checked) to `to_data_path`, durably.
+    fn copy_data(&self, from: u64, to_data_path: &Path) -> Result<(), ChunkStoreError> {
+        let to_data = File::create(to_data_path).map_err(io_at(to_data_path))?;
         let from_data_path = self.path(from, "data");
         match File::open(&from_data_path) {
             Ok(from_data) => {
@@ -765,20 +799,19 @@ impl ChunkStore {
                 for block in 0..data_len.div_ceil(BLOCK_SIZE) {
                     let buf = self.read_block(from, &from_data, block, data_len)?;
                     if buf.iter().any(|b| *b != 0) {
-                        to_data.write_all_at(&buf, Self::disk_offset(block * BLOCK_SIZE)).map_err(io_at(&to_data_path))?;
+                        to_data.write_all_at(&buf, Self::disk_offset(block * BLOCK_SIZE)).map_err(io_at(to_data_path))?;
                     }
                     crcs.extend_from_slice(&block_crc(&buf).to_le_bytes());
                 }
                 if data_len > 0 {
-                    to_data.write_all_at(&crcs, 0).map_err(io_at(&to_data_path))?;
-                    to_data.set_len(Self::disk_offset(data_len)).map_err(io_at(&to_data_path))?;
+                    to_data.write_all_at(&crcs, 0).map_err(io_at(to_data_path))?;
+                    to_data.set_len(Self::disk_offset(data_len)).map_err(io_at(to_data_path))?;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_at(&from_data_path)(e)),
         }
-        to_data.sync_data().map_err(io_at(&to_data_path))?;
-        self.set_version_durably(to, version)
+        to_data.sync_data().map_err(io_at(to_data_path))
     }
 
     /// Rewrites `block` of the chunk with `data` (a good replica's copy of the same version),
@@ -1128,9 +1161,9 @@ mod tests {
         assert!(matches!(store.write(9, 3, 41, 1, 0, b"old", false), Err(ChunkStoreError::StaleEpoch { newest: 4, .. })));
         assert_eq!(store.read(41, 1, 0, 5).unwrap(), b"other");
         // A fence of the epoch a write recorded makes it durable before answering.
-        store.write(10, 1, 42, 1, 0, b"x", false).unwrap();
+        store.write(10, 2, 42, 1, 0, b"x", false).unwrap();
         assert!(store.write_side.lock().unwrap().unsynced_epochs.contains(&10));
-        store.check_epoch(10, 1).unwrap();
+        store.check_epoch(10, 2).unwrap();
         assert!(!store.write_side.lock().unwrap().unsynced_epochs.contains(&10));
         // A deleted chunk leaves nothing cached behind.
         store.delete(42).unwrap();

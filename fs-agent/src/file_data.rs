@@ -91,6 +91,15 @@ pub struct FileData {
     placed_from_old_answers: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
+/// What a write finds for a chunk of its file ([`FileData::chunk_for_write`]).
+enum ChunkForWrite {
+    /// The file's own chunk, recorded at this revision.
+    Recorded(ChunkInfo, u64),
+    /// A new chunk placed for a hole, not recorded yet: the servers take its first write
+    /// while [`FileData::record_new_chunk`] records it.
+    Placed { chunk: ChunkInfo, from_kept_answers: bool },
+}
+
 /// Result of sending one request to several replicas.
 struct Fanout {
     succeeded: Vec<String>,
@@ -161,8 +170,14 @@ impl FileData {
 
     /// Sends `request` to every server of `servers` at once and collects who did it.
     fn fanout(&self, servers: &[String], request: &ChunkRequest) -> Fanout {
+        self.fanout_while(servers, request, || ()).0
+    }
+
+    /// [`FileData::fanout`], running `during` while the servers work on the request.
+    fn fanout_while<R>(&self, servers: &[String], request: &ChunkRequest, during: impl FnOnce() -> R) -> (Fanout, R) {
         let calls: Vec<(&str, &ChunkRequest)> = servers.iter().map(|s| (s.as_str(), request)).collect();
-        let results = servers.iter().cloned().zip(self.chunks.call_all(&calls));
+        let (answers, during) = self.chunks.call_all_while(&calls, during);
+        let results = servers.iter().cloned().zip(answers);
         let mut fanout = Fanout { succeeded: vec![], failures: vec![] };
         for (server, result) in results {
             match result {
@@ -176,17 +191,26 @@ impl FileData {
                 }
             }
         }
-        fanout
+        (fanout, during)
     }
 
     /// The record of chunk `index` of the leased file, for changing it: a chunk shared with
     /// clones is copied first (copy-on-write), so the record returned is this file's alone.
     /// A hole gets a new chunk with `allocate` copies, or is `None` without `allocate`.
-    fn exclusive_chunk(&self, lease: &HeldLease, index: u64, allocate: Option<u32>) -> Result<Option<(ChunkInfo, u64)>, DataError> {
+    fn exclusive_chunk(&self, lease: &HeldLease, index: u64) -> Result<Option<(ChunkInfo, u64)>, DataError> {
+        match self.chunk_for_write(lease, index, None)? {
+            Some(ChunkForWrite::Recorded(chunk, revision)) => Ok(Some((chunk, revision))),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`FileData::exclusive_chunk`], placing a new chunk for a hole with `allocate` copies:
+    /// that one is not recorded yet (see [`ChunkForWrite::Placed`]).
+    fn chunk_for_write(&self, lease: &HeldLease, index: u64, allocate: Option<u32>) -> Result<Option<ChunkForWrite>, DataError> {
         // The cache holds exclusive records only. One stays exclusive while we hold the lease:
         // only a clone of this file could share it, and a clone needs the lease.
-        if let Some(cached) = self.leased_chunks.lock().expect("chunk cache").get(&(lease.ino, index)) {
-            return Ok(Some(cached.clone()));
+        if let Some((chunk, revision)) = self.leased_chunks.lock().expect("chunk cache").get(&(lease.ino, index)) {
+            return Ok(Some(ChunkForWrite::Recorded(chunk.clone(), *revision)));
         }
         for _ in 0..MAX_CONFLICT_RETRIES {
             let known_absent = self.new_files.lock().expect("new files").contains(&lease.ino);
@@ -219,27 +243,33 @@ impl FileData {
                     }
                     self.reserve_chunk_on(&placed);
                     let chunk = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
-                    match self.put_new_chunk(lease, index, &chunk, 0)? {
-                        Some(rev) => {
-                            if answers_were_kept {
-                                self.placed_from_old_answers.lock().expect("placed chunks").insert((lease.ino, index));
-                            }
-                            (chunk, rev)
-                        }
-                        // Another thread of this client allocated it first (or a clone put
-                        // chunks into this new file, or a chosen server is draining now):
-                        // look in the store from now on, and place again if still absent.
-                        None => {
-                            self.new_files.lock().expect("new files").remove(&lease.ino);
-                            continue;
-                        }
-                    }
+                    return Ok(Some(ChunkForWrite::Placed { chunk, from_kept_answers: answers_were_kept }));
                 }
             };
             self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), found.clone());
-            return Ok(Some(found));
+            return Ok(Some(ChunkForWrite::Recorded(found.0, found.1)));
         }
         Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into())
+    }
+
+    /// Records the chunk placed for `index` (see [`ChunkForWrite::Placed`]): its revision, or
+    /// `None` if another thread of this client recorded one first (or a clone put chunks into
+    /// this new file, or one of its servers is draining now); the caller then looks again,
+    /// in the store from now on, and places again if it is still a hole.
+    fn record_new_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, from_kept_answers: bool) -> Result<Option<u64>, DataError> {
+        match self.put_new_chunk(lease, index, chunk, 0)? {
+            Some(revision) => {
+                if from_kept_answers {
+                    self.placed_from_old_answers.lock().expect("placed chunks").insert((lease.ino, index));
+                }
+                self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), (chunk.clone(), revision));
+                Ok(Some(revision))
+            }
+            None => {
+                self.new_files.lock().expect("new files").remove(&lease.ino);
+                Ok(None)
+            }
+        }
     }
 
     /// Gives chunk `index` of the leased file its own copy of the shared `chunk`: each current
@@ -480,10 +510,28 @@ impl FileData {
     /// chunk with `allocate` copies if it is new), with the write path's failure handling.
     fn update_replicas(&self, lease: &HeldLease, index: u64, make_request: impl Fn(&ChunkInfo) -> ChunkRequest, allocate: Option<u32>) -> Result<(), DataError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let Some((chunk, revision)) = self.exclusive_chunk(lease, index, allocate)? else { return Ok(()) };
+            let (chunk, revision, fanout) = match self.chunk_for_write(lease, index, allocate)? {
+                None => return Ok(()),
+                Some(ChunkForWrite::Recorded(chunk, revision)) => {
+                    let fanout = self.fanout(&chunk.current_servers(), &make_request(&chunk));
+                    (chunk, revision, fanout)
+                }
+                Some(ChunkForWrite::Placed { chunk, from_kept_answers }) => {
+                    // The servers take the new chunk's first write while its record commits;
+                    // the write is acknowledged only once both are done.
+                    let (fanout, recorded) = self.fanout_while(&chunk.current_servers(), &make_request(&chunk), || self.record_new_chunk(lease, index, &chunk, from_kept_answers));
+                    match recorded {
+                        Ok(Some(revision)) => (chunk, revision, fanout),
+                        unrecorded => {
+                            // Its replicas belong to no file: gone again.
+                            self.delete_replicas(std::slice::from_ref(&chunk));
+                            unrecorded?;
+                            continue;
+                        }
+                    }
+                }
+            };
             let current = chunk.current_servers();
-            let request = make_request(&chunk);
-            let fanout = self.fanout(&current, &request);
             if let Some(server) = fanout.fenced_by() {
                 self.forget_file(lease.ino);
                 return Err(DataError::Fenced { ino: lease.ino, epoch: lease.epoch, server: server.to_string() });
@@ -707,7 +755,7 @@ impl FileData {
         if !new_size.is_multiple_of(self.chunk_size) {
             let index = new_size / self.chunk_size;
             for _ in 0..MAX_CONFLICT_RETRIES {
-                let Some((chunk, revision)) = self.exclusive_chunk(lease, index, None)? else { break };
+                let Some((chunk, revision)) = self.exclusive_chunk(lease, index)? else { break };
                 let request = ChunkRequest::Truncate { file_id: lease.ino, epoch: lease.epoch, chunk_id: chunk.chunk_id, version: chunk.version, len: new_size % self.chunk_size };
                 let fanout = self.fanout(&chunk.current_servers(), &request);
                 if let Some(server) = fanout.fenced_by() {
