@@ -256,8 +256,8 @@ impl FileData {
     /// `None` if another thread of this client recorded one first (or a clone put chunks into
     /// this new file, or one of its servers is draining now); the caller then looks again,
     /// in the store from now on, and places again if it is still a hole.
-    fn record_new_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, from_kept_answers: bool) -> Result<Option<u64>, DataError> {
-        match self.put_new_chunk(lease, index, chunk, 0)? {
+    fn record_new_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, from_kept_answers: bool, size: Option<u64>) -> Result<Option<u64>, DataError> {
+        match self.put_new_chunk(lease, index, chunk, 0, size)? {
             Some(revision) => {
                 if from_kept_answers {
                     self.placed_from_old_answers.lock().expect("placed chunks").insert((lease.ino, index));
@@ -390,9 +390,9 @@ impl FileData {
     /// gets no new chunk, even from a client that looked before the drain. `None`: the record
     /// changed or a server is draining now; the answers are forgotten and the caller places
     /// again.
-    fn put_new_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, DataError> {
+    fn put_new_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64, size: Option<u64>) -> Result<Option<u64>, DataError> {
         let guards: Vec<String> = chunk.replicas.iter().map(|r| crate::servers::draining_key(&r.server)).collect();
-        let recorded = self.namespace.put_chunk_unless(lease, index, chunk, expected_revision, &guards)?;
+        let recorded = self.namespace.put_chunk_unless(lease, index, chunk, expected_revision, &guards, size)?;
         if recorded.is_none() {
             self.forget_placement_answers();
         }
@@ -457,20 +457,28 @@ impl FileData {
     }
 
     /// Writes `data` at `offset` of the leased file, every chunk to all of its current replicas.
-    pub fn write(&self, lease: &HeldLease, copies: u32, offset: u64, data: &[u8], sync: bool) -> Result<(), DataError> {
+    ///
+    /// `new_size`: the file's size after this write, if it grows the file. When the write's
+    /// last chunk is new, that size is recorded in the same commit as the chunk, and the
+    /// answer is `true`: the caller has no size left to commit. (A failed write may have
+    /// recorded it: the caller then records its size again.)
+    pub fn write(&self, lease: &HeldLease, copies: u32, offset: u64, data: &[u8], sync: bool, new_size: Option<u64>) -> Result<bool, DataError> {
         let mut done = 0usize;
+        let mut size_recorded = false;
         while done < data.len() {
             let position = offset + done as u64;
             let index = position / self.chunk_size;
             let in_chunk = position % self.chunk_size;
             let len = ((self.chunk_size - in_chunk) as usize).min(data.len() - done);
-            self.write_chunk(lease, copies, index, in_chunk, &data[done..done + len], sync)?;
+            let last = done + len == data.len();
+            size_recorded = self.write_chunk(lease, copies, index, in_chunk, &data[done..done + len], sync, new_size.filter(|_| last))?;
             done += len;
         }
-        Ok(())
+        Ok(size_recorded)
     }
 
-    fn write_chunk(&self, lease: &HeldLease, copies: u32, index: u64, offset: u64, data: &[u8], sync: bool) -> Result<(), DataError> {
+    #[allow(clippy::too_many_arguments)]
+    fn write_chunk(&self, lease: &HeldLease, copies: u32, index: u64, offset: u64, data: &[u8], sync: bool, new_size: Option<u64>) -> Result<bool, DataError> {
         self.update_replicas(lease, index, |chunk| ChunkRequest::Write {
             file_id: lease.ino,
             epoch: lease.epoch,
@@ -479,7 +487,7 @@ impl FileData {
             offset,
             data: data.to_vec(),
             sync,
-        }, Some(copies))
+        }, Some(copies), new_size)
     }
 
     /// Zeroes `len` bytes at `offset` of the leased file (fallocate punch hole); chunks never
@@ -499,7 +507,7 @@ impl FileData {
                     version: chunk.version,
                     offset: in_chunk,
                     len: piece,
-                }, None)?;
+                }, None, None)?;
             }
             position += piece;
         }
@@ -508,10 +516,12 @@ impl FileData {
 
     /// Sends `make_request(chunk)` to every current replica of chunk `index` (allocating the
     /// chunk with `allocate` copies if it is new), with the write path's failure handling.
-    fn update_replicas(&self, lease: &HeldLease, index: u64, make_request: impl Fn(&ChunkInfo) -> ChunkRequest, allocate: Option<u32>) -> Result<(), DataError> {
+    /// A new chunk's record carries `new_size` too (see [`FileData::write`]): `Ok(true)` then.
+    fn update_replicas(&self, lease: &HeldLease, index: u64, make_request: impl Fn(&ChunkInfo) -> ChunkRequest, allocate: Option<u32>, new_size: Option<u64>) -> Result<bool, DataError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
+            let mut size_recorded = false;
             let (chunk, revision, fanout) = match self.chunk_for_write(lease, index, allocate)? {
-                None => return Ok(()),
+                None => return Ok(false),
                 Some(ChunkForWrite::Recorded(chunk, revision)) => {
                     let fanout = self.fanout(&chunk.current_servers(), &make_request(&chunk));
                     (chunk, revision, fanout)
@@ -519,9 +529,12 @@ impl FileData {
                 Some(ChunkForWrite::Placed { chunk, from_kept_answers }) => {
                     // The servers take the new chunk's first write while its record commits;
                     // the write is acknowledged only once both are done.
-                    let (fanout, recorded) = self.fanout_while(&chunk.current_servers(), &make_request(&chunk), || self.record_new_chunk(lease, index, &chunk, from_kept_answers));
+                    let (fanout, recorded) = self.fanout_while(&chunk.current_servers(), &make_request(&chunk), || self.record_new_chunk(lease, index, &chunk, from_kept_answers, new_size));
                     match recorded {
-                        Ok(Some(revision)) => (chunk, revision, fanout),
+                        Ok(Some(revision)) => {
+                            size_recorded = new_size.is_some();
+                            (chunk, revision, fanout)
+                        }
                         unrecorded => {
                             // Its replicas belong to no file: gone again.
                             self.delete_replicas(std::slice::from_ref(&chunk));
@@ -538,7 +551,7 @@ impl FileData {
             }
             let placed_from_old_answers = self.placed_from_old_answers.lock().expect("placed chunks").remove(&(lease.ino, index));
             if fanout.failures.is_empty() && current.len() >= self.min_copies {
-                return Ok(());
+                return Ok(size_recorded);
             }
             self.forget_placement_answers();
             if placed_from_old_answers && fanout.succeeded.len() < self.min_copies {
@@ -561,7 +574,7 @@ impl FileData {
                 });
             }
             if self.drop_failed_replicas(lease, index, &chunk, revision, &fanout)? {
-                return Ok(());
+                return Ok(size_recorded);
             }
         }
         Err(NamespaceError::Contended { what: format!("chunk {index} of inode {}", lease.ino) }.into())
@@ -580,7 +593,7 @@ impl FileData {
         self.reserve_chunk_on(&placed);
         let moved = ChunkInfo { chunk_id, version: 1, replicas: placed.into_iter().map(|server| Replica { server, version: 1 }).collect() };
         self.forget_cached(lease.ino, index);
-        if let Some(rev) = self.put_new_chunk(lease, index, &moved, revision)? {
+        if let Some(rev) = self.put_new_chunk(lease, index, &moved, revision, None)? {
             self.leased_chunks.lock().expect("chunk cache").insert((lease.ino, index), (moved, rev));
             self.delete_replicas(std::slice::from_ref(chunk));
         }

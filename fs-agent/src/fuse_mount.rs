@@ -44,6 +44,11 @@ struct OpenFile {
     mode: u32,
     /// Set once a write was fenced: the lease is gone, every later write fails.
     fenced: bool,
+    /// Attribute changes (chmod, chown, utimes) made while we hold the lease, in order, not
+    /// committed yet: they go with the next size commit (flush, fsync, the last close).
+    /// Until then this mount's answers show them; other nodes see them after the close, as
+    /// they see the size.
+    pending_attrs: Vec<AttrChanges>,
 }
 
 struct Handle {
@@ -146,14 +151,21 @@ impl SharedFs {
 
     fn attr(&self, inode: &Inode) -> FileAttr {
         let mut size = inode.size;
+        let mut pending = None;
         // Clone out of the table first: a file's lock may be held by a long write or heal.
         let open = self.open_files.lock().expect("open files").get(&inode.ino).cloned();
         if let Some(file) = open {
             let file = file.lock().expect("open file");
             if file.lease.is_some() {
                 size = file.size;
+                if !file.pending_attrs.is_empty() {
+                    let mut changed = inode.clone();
+                    file.pending_attrs.iter().for_each(|change| change.apply(&mut changed));
+                    pending = Some(changed);
+                }
             }
         }
+        let inode = pending.as_ref().unwrap_or(inode);
         let kind = match inode.kind {
             InodeKind::Directory => FileType::Directory,
             InodeKind::File => FileType::RegularFile,
@@ -270,9 +282,14 @@ impl SharedFs {
         if state.fenced {
             return Err(Errno::EIO);
         }
-        if let (Some(lease), true) = (state.lease, state.size_dirty) {
-            match self.data.namespace().set_size(&lease, state.size, None) {
-                Ok(_) => state.size_dirty = false,
+        if let (Some(lease), true) = (state.lease, state.size_dirty || !state.pending_attrs.is_empty()) {
+            let size = state.size_dirty.then_some(state.size);
+            match self.data.namespace().commit_writer_changes(&lease, size, &state.pending_attrs, false) {
+                Ok(inode) => {
+                    state.size_dirty = false;
+                    state.pending_attrs.clear();
+                    state.mode = inode.mode;
+                }
                 Err(e) => {
                     if matches!(e, NamespaceError::Fenced { .. }) {
                         state.fenced = true;
@@ -302,6 +319,26 @@ impl SharedFs {
             known.retain(|_, at| at.elapsed() < ATTR_TTL);
         }
         known.insert(ino, Instant::now());
+    }
+
+    /// Keeps `changes` with the open file to commit with its size, if this mount holds the
+    /// file's write lease (`None` if not: the caller commits them now). Answers the inode as
+    /// committed so far; [`SharedFs::attr`] shows the kept changes on it.
+    fn defer_attributes(&self, ino: u64, changes: &AttrChanges) -> Option<Result<Inode, Errno>> {
+        let file = self.open_files.lock().expect("open files").get(&ino).cloned()?;
+        let mut state = file.lock().expect("open file");
+        if state.lease.is_none() || state.fenced {
+            return None;
+        }
+        let inode = match self.data.namespace().inode_at_most(ino, Duration::MAX) {
+            Ok(inode) => inode,
+            Err(e) => return Some(Err(ns_err(e))),
+        };
+        state.pending_attrs.push(changes.clone());
+        let mut changed = inode.clone();
+        state.pending_attrs.iter().for_each(|change| change.apply(&mut changed));
+        state.mode = changed.mode;
+        Some(Ok(inode))
     }
 
     fn sync_file(&self, ino: u64) -> Result<(), Errno> {
@@ -560,6 +597,16 @@ impl fuser::Filesystem for SharedFs {
                 Ok(_) => {}
                 Err(e) => return reply.error(ns_err(e)),
             }
+            // Attribute changes kept by an open writer go first, in the order they were made.
+            let open = self.open_files.lock().expect("open files").get(&ino.0).cloned();
+            if let Some(file) = open {
+                let mut state = file.lock().expect("open file");
+                if !state.pending_attrs.is_empty() {
+                    if let Err(e) = self.commit_size(&mut state) {
+                        return reply.error(e);
+                    }
+                }
+            }
             if let Err(e) = self.set_size(ino.0, size) {
                 return reply.error(e);
             }
@@ -568,6 +615,14 @@ impl fuser::Filesystem for SharedFs {
         // unprivileged process, as the kernel would otherwise do itself.
         let kill_suidgid = uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0);
         let changes = AttrChanges { mode, uid, gid, atime: atime.map(time_of), mtime: mtime.map(time_of), kill_suidgid };
+        if size.is_none() {
+            if let Some(deferred) = self.defer_attributes(ino.0, &changes) {
+                return match deferred {
+                    Ok(inode) => reply.attr(&ATTR_TTL, &self.attr(&inode)),
+                    Err(e) => reply.error(e),
+                };
+            }
+        }
         match self.data.namespace().set_attributes(ino.0, &changes) {
             Ok(inode) => {
                 let open = self.open_files.lock().expect("open files").get(&ino.0).cloned();
@@ -719,25 +774,37 @@ impl fuser::Filesystem for SharedFs {
         // FUSE_HANDLE_KILLPRIV_V2: the kernel leaves it to us to clear setuid and setgid
         // when a process without CAP_FSETID writes.
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && mode_without_suidgid(state.mode) != state.mode {
-            match self.data.namespace().set_attributes(ino.0, &AttrChanges { kill_suidgid: true, ..AttrChanges::default() }) {
-                Ok(inode) => state.mode = inode.mode,
-                Err(e) => return reply.error(ns_err(e)),
-            }
-        }
-        if let Err(e) = self.data.write(&lease, state.copies, offset, data, sync) {
-            if matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
-                state.fenced = true;
-            }
-            return reply.error(data_err(e));
+            // Kept with the attribute changes this writer has not committed yet, after them.
+            state.pending_attrs.push(AttrChanges { kill_suidgid: true, ..AttrChanges::default() });
+            state.mode = mode_without_suidgid(state.mode);
         }
         let end = offset + data.len() as u64;
+        // A write growing the file into a new chunk records the new size with the chunk.
+        let new_size = (end > state.size).then_some(end);
+        let size_recorded = match self.data.write(&lease, state.copies, offset, data, sync, new_size) {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                if matches!(e, DataError::Fenced { .. } | DataError::Namespace(NamespaceError::Fenced { .. })) {
+                    state.fenced = true;
+                } else if new_size.is_some() {
+                    // The failed write may have recorded its size: the file keeps the one it had.
+                    state.size_dirty = true;
+                    let _ = self.commit_size(&mut state);
+                }
+                return reply.error(data_err(e));
+            }
+        };
         let chunk_size = self.data.chunk_size();
         for index in offset / chunk_size..=(end.max(1) - 1) / chunk_size {
             state.dirty_chunks.insert(index);
         }
+        if !state.pending_attrs.is_empty() {
+            // Written after a utimes: the mtime is this write's again when they are committed.
+            state.pending_attrs.push(AttrChanges { mtime: Some(Timestamp::now()), ..AttrChanges::default() });
+        }
         if end > state.size {
             state.size = end;
-            state.size_dirty = true;
+            state.size_dirty = !size_recorded;
         }
         if sync {
             if let Err(e) = self.commit_size(&mut state) {
@@ -788,18 +855,26 @@ impl fuser::Filesystem for SharedFs {
                     }
                     if let Some(lease) = state.lease.take() {
                         if !state.fenced {
-                            // The size (if written since the flush) and the release in one commit.
+                            // What is left to commit (the size if written since the flush,
+                            // attributes set since) and the release in one commit.
                             let size = state.size_dirty.then_some(state.size);
-                            match self.data.namespace().set_size_and_release(&lease, size) {
+                            let changed = size.is_some() || !state.pending_attrs.is_empty();
+                            let released = if changed {
+                                self.data.namespace().commit_writer_changes(&lease, size, &state.pending_attrs, true).map(|_| ())
+                            } else {
+                                self.data.namespace().release_lease(&lease)
+                            };
+                            match released {
                                 Ok(()) => state.size_dirty = false,
                                 Err(e) => {
                                     tracing::warn!(ino = ino.0, "cannot release the write lease: {e}");
-                                    if size.is_some() {
+                                    if changed {
                                         result = Err(ns_err(e));
                                     }
                                 }
                             }
                         }
+                        state.pending_attrs.clear();
                         self.data.forget_file(ino.0);
                     }
                     state.dirty_chunks.clear();

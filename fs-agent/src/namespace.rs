@@ -296,6 +296,30 @@ pub struct AttrChanges {
     pub kill_suidgid: bool,
 }
 
+impl AttrChanges {
+    /// Applies the changes to `inode` (not its ctime).
+    pub fn apply(&self, inode: &mut Inode) {
+        if self.kill_suidgid && self.mode.is_none() && inode.kind != InodeKind::Directory {
+            inode.mode = mode_without_suidgid(inode.mode);
+        }
+        if let Some(mode) = self.mode {
+            inode.mode = mode & 0o7777;
+        }
+        if let Some(uid) = self.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = self.gid {
+            inode.gid = gid;
+        }
+        if let Some(t) = self.atime {
+            inode.atime = t;
+        }
+        if let Some(t) = self.mtime {
+            inode.mtime = t;
+        }
+    }
+}
+
 const INODE_PREFIX: &str = "/fs/inodes/";
 
 pub fn inode_key(ino: u64) -> String {
@@ -1046,24 +1070,7 @@ impl Namespace {
     pub fn set_attributes(&self, ino: u64, changes: &AttrChanges) -> Result<Inode, NamespaceError> {
         retry(&format!("inode {ino}"), || {
             let (mut inode, rev) = self.inode_for_change(ino)?;
-            if changes.kill_suidgid && changes.mode.is_none() && inode.kind != InodeKind::Directory {
-                inode.mode = mode_without_suidgid(inode.mode);
-            }
-            if let Some(mode) = changes.mode {
-                inode.mode = mode & 0o7777;
-            }
-            if let Some(uid) = changes.uid {
-                inode.uid = uid;
-            }
-            if let Some(gid) = changes.gid {
-                inode.gid = gid;
-            }
-            if let Some(t) = changes.atime {
-                inode.atime = t;
-            }
-            if let Some(t) = changes.mtime {
-                inode.mtime = t;
-            }
+            changes.apply(&mut inode);
             inode.ctime = Timestamp::now();
             let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev)], &[put(inode_key(ino), &inode)])? else {
                 self.forget(ino);
@@ -1090,42 +1097,47 @@ impl Namespace {
 
     /// Sets a file's size and mtime, only while `lease` is still this writer's.
     pub fn set_size(&self, lease: &HeldLease, size: u64, mtime: Option<Timestamp>) -> Result<Inode, NamespaceError> {
+        let changes: Vec<AttrChanges> = mtime.map(|t| AttrChanges { mtime: Some(t), ..AttrChanges::default() }).into_iter().collect();
+        self.commit_writer_changes(lease, Some(size), &changes, false)
+    }
+
+    /// Sets the file's size (if `size`) and gives the lease up, in one commit, only while
+    /// `lease` is still this writer's: the last close of a writer.
+    pub fn set_size_and_release(&self, lease: &HeldLease, size: Option<u64>) -> Result<(), NamespaceError> {
+        match size {
+            Some(size) => self.commit_writer_changes(lease, Some(size), &[], true).map(|_| ()),
+            None => self.release_lease(lease),
+        }
+    }
+
+    /// What the lease holder of a file kept to commit, in one commit conditioned on `lease`:
+    /// the size (if `size`, with the mtime now: it was written), then `changes` in the order
+    /// they were made (attributes set while the file was open for writing), and the lease
+    /// given up if `release`.
+    pub fn commit_writer_changes(&self, lease: &HeldLease, size: Option<u64>, changes: &[AttrChanges], release: bool) -> Result<Inode, NamespaceError> {
         let ino = lease.ino;
         retry(&format!("inode {ino}"), || {
             let (mut inode, rev) = self.inode_for_change(ino)?;
-            inode.size = size;
             let now = Timestamp::now();
-            inode.mtime = mtime.unwrap_or(now);
+            if let Some(size) = size {
+                inode.size = size;
+                inode.mtime = now;
+            }
+            for change in changes {
+                change.apply(&mut inode);
+            }
             inode.ctime = now;
-            let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &[put(inode_key(ino), &inode)])? else {
+            let mut mutations = vec![put(inode_key(ino), &inode)];
+            if release {
+                mutations.push(put(lease_key(ino), &WriteLease { holder: None, epoch: lease.epoch }));
+            }
+            let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &mutations)? else {
                 self.forget(ino);
                 self.check_lease(lease)?;
                 return Ok(None);
             };
             self.remember(&inode, revision);
             Ok(Some(inode.clone()))
-        })
-    }
-
-    /// Sets the file's size (if `size`) and gives the lease up, in one commit, only while
-    /// `lease` is still this writer's: the last close of a writer.
-    pub fn set_size_and_release(&self, lease: &HeldLease, size: Option<u64>) -> Result<(), NamespaceError> {
-        let Some(size) = size else { return self.release_lease(lease) };
-        let ino = lease.ino;
-        let released = WriteLease { holder: None, epoch: lease.epoch };
-        retry(&format!("inode {ino}"), || {
-            let (mut inode, rev) = self.inode_for_change(ino)?;
-            inode.size = size;
-            let now = Timestamp::now();
-            inode.mtime = now;
-            inode.ctime = now;
-            let Some(revision) = self.commit_at(&[cond(inode_key(ino), rev), cond(lease_key(ino), lease.revision)], &[put(inode_key(ino), &inode), put(lease_key(ino), &released)])? else {
-                self.forget(ino);
-                self.check_lease(lease)?;
-                return Ok(None);
-            };
-            self.remember(&inode, revision);
-            Ok(Some(()))
         })
     }
 
@@ -1184,18 +1196,42 @@ impl Namespace {
     /// Records `chunk` as chunk `index` of the leased file if its record is still at
     /// `expected_revision` (0: absent). Returns the new record revision, or `None` on a conflict.
     pub fn put_chunk(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64) -> Result<Option<u64>, NamespaceError> {
-        self.put_chunk_unless(lease, index, chunk, expected_revision, &[])
+        self.put_chunk_unless(lease, index, chunk, expected_revision, &[], None)
     }
 
     /// [`Namespace::put_chunk`], also conditioned on every key of `absent_keys` being absent
-    /// (a new chunk's servers not marked draining meanwhile).
-    pub fn put_chunk_unless(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64, absent_keys: &[String]) -> Result<Option<u64>, NamespaceError> {
+    /// (a new chunk's servers not marked draining meanwhile), and with `size` the file's new
+    /// size (and mtime now) in the same commit: a write that extends a file into a new chunk
+    /// records both at once. `None` also when the file's inode changed since this client knew
+    /// it; the caller then tries again.
+    pub fn put_chunk_unless(&self, lease: &HeldLease, index: u64, chunk: &ChunkInfo, expected_revision: u64, absent_keys: &[String], size: Option<u64>) -> Result<Option<u64>, NamespaceError> {
         let key = chunk_key(lease.ino, index);
         let mut conditions = vec![cond(key.clone(), expected_revision), cond(lease_key(lease.ino), lease.revision)];
         conditions.extend(absent_keys.iter().map(|k| cond(k.clone(), 0)));
-        let committed = self.commit_at(&conditions, &[put(key, chunk)])?;
-        if committed.is_none() {
-            self.check_lease(lease)?;
+        let mut mutations = vec![put(key, chunk)];
+        let sized = match size {
+            Some(size) => {
+                let (mut inode, rev) = self.inode_for_change(lease.ino)?;
+                inode.size = size;
+                let now = Timestamp::now();
+                inode.mtime = now;
+                inode.ctime = now;
+                conditions.push(cond(inode_key(lease.ino), rev));
+                mutations.push(put(inode_key(lease.ino), &inode));
+                Some(inode)
+            }
+            None => None,
+        };
+        let committed = self.commit_at(&conditions, &mutations)?;
+        match (committed, sized) {
+            (Some(revision), Some(inode)) => self.remember(&inode, revision),
+            (None, sized) => {
+                if sized.is_some() {
+                    self.forget(lease.ino);
+                }
+                self.check_lease(lease)?;
+            }
+            _ => {}
         }
         Ok(committed)
     }

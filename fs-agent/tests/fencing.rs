@@ -32,7 +32,7 @@ fn a_writer_whose_lease_was_taken_over_gets_errors() {
     let data = fs.file_data(2);
     data.fence(&lease).unwrap();
     let new_data = pattern(2, 150_000);
-    data.write(&lease, 3, 0, &new_data, true).unwrap();
+    data.write(&lease, 3, 0, &new_data, true, None).unwrap();
     ns.set_size(&lease, new_data.len() as u64, None).unwrap();
 
     // Every later write of the old writer fails, in place or past the end.
@@ -137,7 +137,7 @@ fn a_frozen_writer_resumed_after_a_takeover_cannot_land_its_write() {
     let data = fs.file_data(2);
     data.fence(&lease).unwrap();
     let new_data = pattern(9, 120_000);
-    data.write(&lease, 3, 0, &new_data, true).unwrap();
+    data.write(&lease, 3, 0, &new_data, true, None).unwrap();
     ns.set_size(&lease, new_data.len() as u64, None).unwrap();
     ns.release_lease(&lease).unwrap();
 

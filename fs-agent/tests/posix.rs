@@ -237,3 +237,49 @@ fn non_root_users_get_eacces() {
     assert_eq!(content, "mine\n");
     let _ = OpenOptions::new().custom_flags(0).read(true).open(mnt.join("public")).unwrap();
 }
+
+#[test]
+fn attributes_set_while_writing_stick_and_reach_other_nodes_at_close() {
+    let mut fs = TestFs::start("posix-attrs", 3);
+    let mnt = fs.mount();
+    let other = fs.mount();
+    let set_times = |f: &fs::File, secs: u64| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)).unwrap();
+    };
+
+    // As tar does: write, then set times, owner and mode through the open file, then close.
+    let f = OpenOptions::new().write(true).create_new(true).open(mnt.join("a")).unwrap();
+    f.write_all_at(&pattern(5, 10_000), 0).unwrap();
+    f.write_all_at(&pattern(6, 10_000), 10_000).unwrap();
+    set_times(&f, 1_000_000_000);
+    std::os::unix::fs::fchown(&f, Some(1234), Some(5678)).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o4750)).unwrap();
+    // This node sees them at once.
+    let here = f.metadata().unwrap();
+    assert_eq!((here.mtime(), here.uid(), here.gid(), here.mode() & 0o7777, here.len()), (1_000_000_000, 1234, 5678, 0o4750, 20_000));
+    drop(f);
+    // After the close, every node sees them, the size and the times set after the last write.
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past both mounts' attribute TTL
+    for m in [&mnt, &other] {
+        let seen = fs::metadata(m.join("a")).unwrap();
+        assert_eq!((seen.mtime(), seen.uid(), seen.gid(), seen.mode() & 0o7777, seen.len()), (1_000_000_000, 1234, 5678, 0o4750, 20_000), "seen on {}", m.display());
+    }
+
+    // A write after the times were set makes the mtime the write's again.
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let f = OpenOptions::new().write(true).open(mnt.join("a")).unwrap();
+    set_times(&f, 1_000_000_000);
+    f.write_all_at(b"later", 0).unwrap();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let seen = fs::metadata(other.join("a")).unwrap();
+    assert!(seen.mtime() >= before, "mtime {} is not the write's (>= {before})", seen.mtime());
+    // A chown through the open file clears setuid (the write by root kept it).
+    assert_eq!(seen.mode() & 0o7777, 0o4750);
+    let f = OpenOptions::new().write(true).open(mnt.join("a")).unwrap();
+    std::os::unix::fs::fchown(&f, Some(1), None).unwrap();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(fs::metadata(other.join("a")).unwrap().mode() & 0o7777, 0o0750);
+}

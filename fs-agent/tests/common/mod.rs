@@ -250,9 +250,24 @@ impl TestFs {
     }
 
     /// Sends `signal` to mount `i`'s process (SIGSTOP: a node frozen past its self-fence).
+    /// A SIGSTOP returns once every thread of the mount has stopped: kill(2) returns when the
+    /// signal is sent, and a thread could otherwise still take a request meanwhile.
     pub fn signal_mount(&self, i: usize, signal: nix::sys::signal::Signal) {
         let pid = self.mounts[i].process.as_ref().expect("mount running").id();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+        if signal == nix::sys::signal::Signal::SIGSTOP {
+            let all_stopped = || {
+                std::fs::read_dir(format!("/proc/{pid}/task")).map(|tasks| {
+                    tasks.filter_map(Result::ok).all(|task| {
+                        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                        // The state follows the parenthesized command name.
+                        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+                    })
+                })
+                .unwrap_or(false)
+            };
+            wait_until("every thread of the mount to stop", Duration::from_secs(10), all_stopped);
+        }
     }
 
     /// A metadata client of this filesystem, as another node would have.
