@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::aligned_buffer::AlignedBuffer;
 use crate::chunk_client::{ChunkClient, ChunkClientError};
 use crate::chunk_protocol::{ChunkFailure, ChunkRequest, ChunkResponse};
 use crate::chunk_store::BLOCK_SIZE;
@@ -600,15 +599,14 @@ impl FileData {
         Ok(())
     }
 
-    /// Reads up to `len` bytes at `offset` of a file of `size` bytes.
-    /// The buffer is aligned for direct I/O, so a large read of the local replica goes from
-    /// the disk straight into it.
-    pub fn read(&self, ino: u64, size: u64, offset: u64, len: u64, lease: Option<&HeldLease>) -> Result<AlignedBuffer, DataError> {
+    /// Reads up to `out.len()` bytes at `offset` of a file of `size` bytes into `out`, and
+    /// answers how many. An `out` aligned for direct I/O ([`AlignedBuffer`]) lets a large read
+    /// of the local replica go from the disk straight into it.
+    pub fn read(&self, ino: u64, size: u64, offset: u64, out: &mut [u8], lease: Option<&HeldLease>) -> Result<usize, DataError> {
         if offset >= size {
-            return Ok(AlignedBuffer::zeroed(0));
+            return Ok(0);
         }
-        let len = len.min(size - offset);
-        let mut out = AlignedBuffer::zeroed(len as usize);
+        let len = (out.len() as u64).min(size - offset);
         let mut done = 0u64;
         while done < len {
             let position = offset + done;
@@ -618,7 +616,7 @@ impl FileData {
             self.read_chunk(ino, index, in_chunk, &mut out[done as usize..(done + piece) as usize], lease)?;
             done += piece;
         }
-        Ok(out)
+        Ok(len as usize)
     }
 
     /// Fills `out` from `offset` of chunk `index`, from one current replica (the local one

@@ -248,10 +248,12 @@ struct ChunkServerSetup {
 }
 
 impl ChunkServerSetup {
-    /// Binds the listener, opens the store and, with a metadata store, registers the server
-    /// and keeps its heartbeat going: returns the listener, the address mounts use and the store.
-    fn prepare(&self, ns: Option<Arc<Namespace>>, tls: Option<&ChunkTls>) -> Result<(std::net::TcpListener, String, Arc<ChunkStore>)> {
+    /// Binds the listener first (the address is taken, or this fails at once), then opens the
+    /// store and, with a metadata store (from `ns`), registers the server and keeps its
+    /// heartbeat going: returns the listener, the address mounts use and the store.
+    fn prepare(&self, ns: impl FnOnce() -> Result<Option<Arc<Namespace>>>, tls: Option<&ChunkTls>) -> Result<(std::net::TcpListener, String, Arc<ChunkStore>)> {
         let listener = fs_agent::chunk_server::bind(&self.listen)?;
+        let ns = ns()?;
         let addr = self.advertise.clone().unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or(self.listen.clone()));
         if let Some(tls) = tls {
             tls.check_serves(&addr)?;
@@ -338,9 +340,8 @@ fn run(cli: Cli) -> Result<()> {
     let tls = tls.as_ref();
     match cli.command {
         Cmd::Chunkserver { listen, data, meta, advertise, max_chunk_size, scrub_interval_secs, heartbeat_secs } => {
-            let ns = meta.map(|meta| namespace(&meta, ca)).transpose()?;
             let server = ChunkServerSetup { listen, data, advertise, max_chunk_size, scrub_interval_secs, heartbeat_secs };
-            let (listener, _, store) = server.prepare(ns, tls)?;
+            let (listener, _, store) = server.prepare(|| meta.map(|meta| namespace(&meta, ca)).transpose(), tls)?;
             fs_agent::chunk_server::serve(listener, store, server.scrub_interval(), tls.map(ChunkTls::server_config));
         }
         Cmd::CertCreate { ca_dir, out, name, ips, dns_names } => {
@@ -358,6 +359,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Mount { meta, replicas, min_copies, chunk_size, threads, node_id, local_server, chunk_data, chunk_listen, chunk_advertise, chunk_scrub_interval_secs, heal_interval_secs, mountpoint } => {
             fuse_mount::block_termination_signals();
             fuse_mount::become_io_flusher();
+            if let Some(done) = fuse_mount::raise_fuse_request_ceiling() {
+                tracing::info!("{done}");
+            }
             let node_id = match node_id {
                 Some(id) if !id.is_empty() => id,
                 Some(_) => bail!("--node-id must not be empty"),
@@ -374,7 +378,7 @@ fn run(cli: Cli) -> Result<()> {
             let (local_server, chunks) = match (chunk_data, chunk_listen) {
                 (Some(data), Some(listen)) => {
                     let server = ChunkServerSetup { listen, data, advertise: chunk_advertise, max_chunk_size: config.chunk_size.max(DEFAULT_CHUNK_SIZE), scrub_interval_secs: chunk_scrub_interval_secs, heartbeat_secs: DEFAULT_HEARTBEAT_SECS };
-                    let (listener, addr, store) = server.prepare(Some(ns.clone()), tls)?;
+                    let (listener, addr, store) = server.prepare(|| Ok(Some(ns.clone())), tls)?;
                     let (scrub_interval, server_tls) = (server.scrub_interval(), tls.map(ChunkTls::server_config));
                     let serving = store.clone();
                     std::thread::Builder::new().name("chunk-server".into()).spawn(move || fs_agent::chunk_server::serve(listener, serving, scrub_interval, server_tls))?;

@@ -161,8 +161,26 @@ impl TestFs {
             fs.start_server(i);
         }
         let ns = fs.namespace();
-        wait_until("chunk servers to register", Duration::from_secs(60), || ns.servers().map(|s| s.len() == servers).unwrap_or(false));
+        wait_until("chunk servers to register", Duration::from_secs(60), || {
+            fs.assert_running();
+            ns.servers().map(|s| s.len() == servers).unwrap_or(false)
+        });
         fs
+    }
+
+    /// Panics with its log if the metadata store or a chunk server exited (a port another
+    /// test took meanwhile, say), rather than letting a wait run into its timeout.
+    fn assert_running(&mut self) {
+        let dir = self.dir.path().to_path_buf();
+        let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        if let Some(status) = self.meta_process.as_mut().and_then(|p| p.try_wait().ok().flatten()) {
+            panic!("the metadata store exited ({status}): {}", log("meta.log"));
+        }
+        for (i, server) in self.servers.iter_mut().enumerate() {
+            if let Some(status) = server.process.as_mut().and_then(|p| p.try_wait().ok().flatten()) {
+                panic!("chunk server {i} exited ({status}): {}", log(&format!("chunkserver-{i}.log")));
+            }
+        }
     }
 
     /// Writes a certificate of this filesystem's CA named `name`, valid for `ips`, into `out`.
