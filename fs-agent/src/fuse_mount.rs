@@ -1111,7 +1111,12 @@ pub fn mount(fs: SharedFs, mountpoint: &Path, threads: usize) -> std::io::Result
     config.acl = SessionACL::All;
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    // The kernel reads the ceiling when the filesystem is mounted: raised for this mount(2)
+    // only, and put back right after.
+    let raised = RaisedRequestCeiling::raise();
+    let session = fuser::Session::new(fs, mountpoint, &config);
+    drop(raised);
+    let session = session?;
     spawn_unmount_on_signal(mountpoint);
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     session.run()
@@ -1140,18 +1145,39 @@ const FUSE_MAX_PAGES_LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
 /// read sequentially from an ext4 image on the mount went from about 1250 to about 1700 MB/s.
 const WANTED_MAX_PAGES: u32 = 512;
 
-/// Raises the kernel's ceiling on FUSE request sizes to [`WANTED_MAX_PAGES`] if it is lower.
-/// A ceiling only: other FUSE filesystems keep the request size they ask for. Answers what
-/// was done, for the log; nothing on a kernel without the setting.
-pub fn raise_fuse_request_ceiling() -> Option<String> {
-    let current: u32 = std::fs::read_to_string(FUSE_MAX_PAGES_LIMIT).ok()?.trim().parse().ok()?;
-    if current >= WANTED_MAX_PAGES {
-        return None;
+/// The kernel's ceiling on FUSE request sizes raised to [`WANTED_MAX_PAGES`] (if it was lower)
+/// while this value lives; dropping it puts the old ceiling back. The kernel takes the ceiling
+/// into a connection when the filesystem is mounted, so a mount made meanwhile keeps it, and
+/// nothing else on the machine changes.
+struct RaisedRequestCeiling {
+    previous: u32,
+}
+
+impl RaisedRequestCeiling {
+    fn raise() -> Option<RaisedRequestCeiling> {
+        let current: u32 = std::fs::read_to_string(FUSE_MAX_PAGES_LIMIT).ok()?.trim().parse().ok()?;
+        if current >= WANTED_MAX_PAGES {
+            return None;
+        }
+        match std::fs::write(FUSE_MAX_PAGES_LIMIT, WANTED_MAX_PAGES.to_string()) {
+            Ok(()) => {
+                tracing::info!("FUSE requests of up to {WANTED_MAX_PAGES} pages for this mount ({FUSE_MAX_PAGES_LIMIT} is {current}, raised for the mount only): a loop device's requests reach it whole");
+                Some(RaisedRequestCeiling { previous: current })
+            }
+            Err(e) => {
+                tracing::warn!("cannot raise {FUSE_MAX_PAGES_LIMIT} from {current} to {WANTED_MAX_PAGES} ({e}): a loop device's large requests come in two pieces");
+                None
+            }
+        }
     }
-    Some(match std::fs::write(FUSE_MAX_PAGES_LIMIT, WANTED_MAX_PAGES.to_string()) {
-        Ok(()) => format!("raised {FUSE_MAX_PAGES_LIMIT} from {current} to {WANTED_MAX_PAGES} pages, so a loop device's requests reach the mount whole"),
-        Err(e) => format!("cannot raise {FUSE_MAX_PAGES_LIMIT} from {current} to {WANTED_MAX_PAGES} ({e}): a loop device's large requests come in two pieces"),
-    })
+}
+
+impl Drop for RaisedRequestCeiling {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(FUSE_MAX_PAGES_LIMIT, self.previous.to_string()) {
+            tracing::warn!("cannot put {FUSE_MAX_PAGES_LIMIT} back to {}: {e}", self.previous);
+        }
+    }
 }
 
 fn termination_signals() -> nix::sys::signal::SigSet {

@@ -359,9 +359,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Mount { meta, replicas, min_copies, chunk_size, threads, node_id, local_server, chunk_data, chunk_listen, chunk_advertise, chunk_scrub_interval_secs, heal_interval_secs, mountpoint } => {
             fuse_mount::block_termination_signals();
             fuse_mount::become_io_flusher();
-            if let Some(done) = fuse_mount::raise_fuse_request_ceiling() {
-                tracing::info!("{done}");
-            }
             let node_id = match node_id {
                 Some(id) if !id.is_empty() => id,
                 Some(_) => bail!("--node-id must not be empty"),
