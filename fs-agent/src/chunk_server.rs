@@ -73,9 +73,7 @@ thread_local! {
 pub fn read_local(store: &ChunkStore, chunk_id: u64, version: u64, offset: u64, out: &mut [u8]) -> Result<(), ChunkFailure> {
     LOCAL_READ_BUFFER.with_borrow_mut(|buffer| {
         let result = store.read_to(chunk_id, version, offset, out, buffer);
-        if buffer.len() > READ_BUFFER_KEPT_BYTES {
-            *buffer = Vec::new();
-        }
+        forget_if_large(buffer);
         result.map_err(|e| {
             tracing::warn!("local read refused: {e}");
             failure(e)
@@ -125,6 +123,13 @@ fn serve_connection(store: &ChunkStore, stream: TcpStream, tls: Option<&Arc<rust
 /// Buffers of reads larger than this are not kept for the connection's next read.
 const READ_BUFFER_KEPT_BYTES: usize = 2 * 1024 * 1024;
 
+/// Drops a read buffer grown past [`READ_BUFFER_KEPT_BYTES`] instead of keeping it.
+fn forget_if_large(buffer: &mut Vec<u8>) {
+    if buffer.len() > READ_BUFFER_KEPT_BYTES {
+        *buffer = Vec::new();
+    }
+}
+
 /// Answers a `Read` from `buffer`, which the connection reuses: the blocks are read and
 /// checked into it, and the answer's payload is sent from it without another copy.
 fn serve_read(store: &ChunkStore, stream: &mut chunk_transport::Stream, buffer: &mut Vec<u8>, chunk_id: u64, version: u64, offset: u64, len: u64) -> Result<(), FrameError> {
@@ -135,9 +140,7 @@ fn serve_read(store: &ChunkStore, stream: &mut chunk_transport::Stream, buffer: 
             write_frame(stream, &ChunkResponse::Failed(failure(e)))
         }
     };
-    if buffer.len() > READ_BUFFER_KEPT_BYTES {
-        *buffer = Vec::new();
-    }
+    forget_if_large(buffer);
     sent
 }
 

@@ -777,7 +777,7 @@ impl FileData {
                 }
             }
         }
-        self.namespace.set_size(lease, new_size, None)?;
+        self.namespace.set_size(lease, new_size)?;
         Ok(())
     }
 

@@ -813,7 +813,13 @@ impl fuser::Filesystem for SharedFs {
         }
         if !state.pending_attrs.is_empty() {
             // Written after a utimes: the mtime is this write's again when they are committed.
-            state.pending_attrs.push(AttrChanges { mtime: Some(Timestamp::now()), ..AttrChanges::default() });
+            // An entry that sets only the mtime (an earlier write's, or a utimes of the mtime
+            // alone) is replaced, since this write comes after it: a run of writes keeps one.
+            let written = AttrChanges { mtime: Some(Timestamp::now()), ..AttrChanges::default() };
+            match state.pending_attrs.last_mut() {
+                Some(last) if *last == AttrChanges { mtime: last.mtime, ..AttrChanges::default() } => *last = written,
+                _ => state.pending_attrs.push(written),
+            }
         }
         if end > state.size {
             state.size = end;
@@ -872,12 +878,7 @@ impl fuser::Filesystem for SharedFs {
                             // attributes set since) and the release in one commit.
                             let size = state.size_dirty.then_some(state.size);
                             let changed = size.is_some() || !state.pending_attrs.is_empty();
-                            let released = if changed {
-                                self.data.namespace().commit_writer_changes(&lease, size, &state.pending_attrs, true).map(|_| ())
-                            } else {
-                                self.data.namespace().release_lease(&lease)
-                            };
-                            match released {
+                            match self.data.namespace().set_size_and_release(&lease, size, &state.pending_attrs) {
                                 Ok(()) => state.size_dirty = false,
                                 Err(e) => {
                                     tracing::warn!(ino = ino.0, "cannot release the write lease: {e}");

@@ -233,7 +233,6 @@ fn chunk_tls(dir: Option<&PathBuf>) -> Result<Option<ChunkTls>> {
     Ok(dir.map(|dir| ChunkTls::load(dir)).transpose()?)
 }
 
-/// A chunk client speaking TLS when this process has TLS material.
 const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 3600;
 const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 
@@ -274,6 +273,7 @@ impl ChunkServerSetup {
     }
 }
 
+/// A chunk client speaking TLS when this process has TLS material.
 fn chunk_client(tls: Option<&ChunkTls>) -> ChunkClient {
     ChunkClient::with_tls(tls.map(ChunkTls::client_config))
 }

@@ -284,7 +284,7 @@ impl SharingChanges {
 }
 
 /// Attribute changes of a setattr (size is handled by the data path: it needs the lease).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AttrChanges {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -1095,19 +1095,20 @@ impl Namespace {
         })
     }
 
-    /// Sets a file's size and mtime, only while `lease` is still this writer's.
-    pub fn set_size(&self, lease: &HeldLease, size: u64, mtime: Option<Timestamp>) -> Result<Inode, NamespaceError> {
-        let changes: Vec<AttrChanges> = mtime.map(|t| AttrChanges { mtime: Some(t), ..AttrChanges::default() }).into_iter().collect();
-        self.commit_writer_changes(lease, Some(size), &changes, false)
+    /// Sets a file's size (and its mtime to now), only while `lease` is still this writer's.
+    pub fn set_size(&self, lease: &HeldLease, size: u64) -> Result<Inode, NamespaceError> {
+        self.commit_writer_changes(lease, Some(size), &[], false)
     }
 
-    /// Sets the file's size (if `size`) and gives the lease up, in one commit, only while
-    /// `lease` is still this writer's: the last close of a writer.
-    pub fn set_size_and_release(&self, lease: &HeldLease, size: Option<u64>) -> Result<(), NamespaceError> {
-        match size {
-            Some(size) => self.commit_writer_changes(lease, Some(size), &[], true).map(|_| ()),
-            None => self.release_lease(lease),
+    /// Sets the file's size (if `size`), applies `changes` (see
+    /// [`Namespace::commit_writer_changes`]) and gives the lease up, in one commit, only while
+    /// `lease` is still this writer's: the last close of a writer. With nothing to change it
+    /// only gives the lease up.
+    pub fn set_size_and_release(&self, lease: &HeldLease, size: Option<u64>, changes: &[AttrChanges]) -> Result<(), NamespaceError> {
+        if size.is_none() && changes.is_empty() {
+            return self.release_lease(lease);
         }
+        self.commit_writer_changes(lease, size, changes, true).map(|_| ())
     }
 
     /// What the lease holder of a file kept to commit, in one commit conditioned on `lease`:
@@ -1788,10 +1789,10 @@ mod tests {
         assert_eq!(ns.acquire_lease(f.ino, "node-b", false).unwrap_err().errno(), libc::EBUSY);
         let second = ns.acquire_lease(f.ino, "node-b", true).unwrap();
         assert_eq!(second.epoch, 2);
-        assert!(matches!(ns.set_size(&first, 10, None), Err(NamespaceError::Fenced { .. })));
+        assert!(matches!(ns.set_size(&first, 10), Err(NamespaceError::Fenced { .. })));
         let chunk = ChunkInfo { chunk_id: 1, version: 1, replicas: vec![] };
         assert!(matches!(ns.put_chunk(&first, 0, &chunk, 0), Err(NamespaceError::Fenced { .. })));
-        ns.set_size(&second, 10, None).unwrap();
+        ns.set_size(&second, 10).unwrap();
         ns.release_lease(&second).unwrap();
         assert_eq!(ns.acquire_lease(f.ino, "node-a", false).unwrap().epoch, 3);
     }
@@ -1805,12 +1806,12 @@ mod tests {
         assert_eq!(ns.acquire_lease(f.ino, "node-b", false).unwrap_err().errno(), libc::EBUSY);
         assert_eq!(ns.acquire_lease(f.ino, "node-a", false).unwrap(), lease, "the holder gets it back as is");
         ns.put_chunk(&lease, 0, &ChunkInfo { chunk_id: 1, version: 1, replicas: vec![] }, 0).unwrap().unwrap();
-        ns.set_size_and_release(&lease, Some(4096)).unwrap();
+        ns.set_size_and_release(&lease, Some(4096), &[]).unwrap();
         assert_eq!(ns.inode(f.ino).unwrap().size, 4096);
         let next = ns.acquire_lease(f.ino, "node-b", false).unwrap();
         assert_eq!(next.epoch, 2);
         // The released lease guards nothing any more.
-        assert!(matches!(ns.set_size_and_release(&lease, Some(1)), Err(NamespaceError::Fenced { .. })));
+        assert!(matches!(ns.set_size_and_release(&lease, Some(1), &[]), Err(NamespaceError::Fenced { .. })));
         assert_eq!(ns.inode(f.ino).unwrap().size, 4096);
         assert!(ns.create_leased_file(ROOT_INO, "f", 0o644, 0, 0, "node-a").is_err());
     }
@@ -1841,7 +1842,7 @@ mod tests {
         for index in 0..count {
             ns.put_chunk(&lease, index, &chunk(first_id + index), 0).unwrap().unwrap();
         }
-        ns.set_size(&lease, count * (1 << 20), None).unwrap();
+        ns.set_size(&lease, count * (1 << 20)).unwrap();
         ns.release_lease(&lease).unwrap();
         ns.inode(f.ino).unwrap()
     }

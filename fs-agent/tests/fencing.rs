@@ -33,7 +33,7 @@ fn a_writer_whose_lease_was_taken_over_gets_errors() {
     data.fence(&lease).unwrap();
     let new_data = pattern(2, 150_000);
     data.write(&lease, 3, 0, &new_data, true, None).unwrap();
-    ns.set_size(&lease, new_data.len() as u64, None).unwrap();
+    ns.set_size(&lease, new_data.len() as u64).unwrap();
 
     // Every later write of the old writer fails, in place or past the end.
     old_writer.seek(SeekFrom::Start(0)).unwrap();
@@ -138,7 +138,7 @@ fn a_frozen_writer_resumed_after_a_takeover_cannot_land_its_write() {
     data.fence(&lease).unwrap();
     let new_data = pattern(9, 120_000);
     data.write(&lease, 3, 0, &new_data, true, None).unwrap();
-    ns.set_size(&lease, new_data.len() as u64, None).unwrap();
+    ns.set_size(&lease, new_data.len() as u64).unwrap();
     ns.release_lease(&lease).unwrap();
 
     // A wakes up: its queued write is refused, and B's data is intact.
